@@ -1,0 +1,203 @@
+//! `flotilla run`: one guest on this node.
+
+use crate::parse_size;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use flotilla_engine::{ConsoleMode, Machine, MachineConfig, Outcome};
+use flotilla_workloads::{native, Workload};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The demo `flotilla run` runs with no workload or image.
+pub const DEFAULT_WORKLOAD: Workload = Workload::Sort;
+pub const DEFAULT_VCPUS: u32 = 4;
+/// Guest RAM the engine keeps for itself, the image and the stacks, on top of what a
+/// workload needs (rounded).
+const ENGINE_HEADROOM_BYTES: u64 = 16 << 20;
+const MIN_DEFAULT_MEM_BYTES: u64 = 256 << 20;
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// Built-in workload to run (see `flotilla workloads`). Default: sort with 4 vCPUs.
+    #[arg(long, conflicts_with = "image")]
+    pub workload: Option<String>,
+    /// External guest ELF image to run (see docs/guest-abi.md).
+    #[arg(long)]
+    pub image: Option<PathBuf>,
+    /// Number of vCPUs (1 to 64).
+    #[arg(long)]
+    pub vcpus: Option<u32>,
+    /// Guest RAM, e.g. 512M, 4G (default: what the workload needs, at least 256M).
+    #[arg(long, value_parser = parse_size)]
+    pub mem: Option<u64>,
+    /// Argument string passed to the guest, e.g. "n=1m seed=7".
+    #[arg(long, default_value = "")]
+    pub args: String,
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// End the run with an error after this many seconds.
+    #[arg(long)]
+    pub timeout: Option<f64>,
+    /// Skip computing the host reference checksum (verified is then null).
+    #[arg(long)]
+    pub no_verify: bool,
+}
+
+/// What was run, for the summary.
+struct Plan {
+    name: String,
+    workload: Option<Workload>,
+    image: Vec<u8>,
+    config: MachineConfig,
+}
+
+fn plan(args: &RunArgs) -> Result<Plan> {
+    let vcpus = args
+        .vcpus
+        .unwrap_or(if args.image.is_some() || args.workload.is_some() {
+            1
+        } else {
+            DEFAULT_VCPUS
+        });
+    if vcpus == 0 || vcpus > flotilla_abi::VCPUS_MAX {
+        bail!(
+            "--vcpus {vcpus}: a guest has 1 to {} vCPUs",
+            flotilla_abi::VCPUS_MAX
+        );
+    }
+    let timeout = match args.timeout {
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            bail!("--timeout {t}: must be a positive number of seconds")
+        }
+        Some(t) => Some(Duration::from_secs_f64(t)),
+        None => None,
+    };
+    let console = if args.json {
+        ConsoleMode::Capture
+    } else {
+        ConsoleMode::Forward
+    };
+    let mut config = MachineConfig {
+        vcpus,
+        args: args.args.clone(),
+        timeout,
+        console,
+        ..Default::default()
+    };
+    if let Some(path) = &args.image {
+        let image = std::fs::read(path)
+            .with_context(|| format!("cannot read guest image {}", path.display()))?;
+        config.mem_bytes = args.mem.unwrap_or(MIN_DEFAULT_MEM_BYTES);
+        return Ok(Plan {
+            name: path.display().to_string(),
+            workload: None,
+            image,
+            config,
+        });
+    }
+    let name = args.workload.as_deref().unwrap_or(DEFAULT_WORKLOAD.name());
+    let workload = Workload::from_name(name).ok_or_else(|| {
+        let known: Vec<&str> = Workload::ALL.iter().map(|w| w.name()).collect();
+        anyhow!("unknown workload '{name}' (known: {})", known.join(", "))
+    })?;
+    let prepared = workload
+        .prepare(&args.args)
+        .map_err(|e| anyhow!("workload {name}: {e}"))?;
+    let need = prepared.mem_bytes(vcpus as usize) as u64 + ENGINE_HEADROOM_BYTES;
+    let need = need.next_multiple_of(2 << 20);
+    config.mem_bytes = match args.mem {
+        Some(mem) if mem < need => {
+            bail!("workload {name} with these arguments needs about {need} bytes of guest RAM; --mem gives {mem}")
+        }
+        Some(mem) => mem,
+        None => need.max(MIN_DEFAULT_MEM_BYTES),
+    };
+    let image = flotilla_guest_images::image(workload).to_vec();
+    Ok(Plan {
+        name: name.to_string(),
+        workload: Some(workload),
+        image,
+        config,
+    })
+}
+
+/// Runs a plan's guest; returns the outcome and the wall time of building the VM.
+fn execute(plan: &Plan) -> Result<(Outcome, Duration), flotilla_engine::Error> {
+    let t = std::time::Instant::now();
+    let machine = Machine::boot(plan.config.clone(), &plan.image)?;
+    let setup = t.elapsed();
+    Ok((machine.run()?, setup))
+}
+
+pub fn run(args: RunArgs) -> Result<i32> {
+    let plan = plan(&args)?;
+    let result = execute(&plan);
+    let (outcome, _setup) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if args.json {
+                let obj = json!({
+                    "workload": plan.name, "vcpus": plan.config.vcpus, "nodes": 1,
+                    "exit_code": null, "checksum": null, "verified": false, "wall_ms": null,
+                    "error": e.to_string(),
+                });
+                println!("{obj}");
+            } else {
+                eprintln!("flotilla: guest failed: {e}");
+            }
+            return Ok(2);
+        }
+    };
+    let reference = match (plan.workload, args.no_verify) {
+        (Some(w), false) => {
+            let prepared = w.prepare(&args.args).map_err(|e| anyhow!("{e}"))?;
+            let native = native::run(&prepared, plan.config.vcpus as usize)
+                .map_err(|e| anyhow!("computing the reference checksum on the host: {e}"))?;
+            Some(native.checksum)
+        }
+        _ => None,
+    };
+    let verified = reference.map(|r| outcome.exit_code == 0 && outcome.report == Some(r));
+    let wall_ms = outcome.wall.as_secs_f64() * 1e3;
+    let hex = |v: Option<u64>| v.map(|v| format!("{v:#018x}"));
+    if args.json {
+        let obj = json!({
+            "workload": plan.name,
+            "vcpus": plan.config.vcpus,
+            "nodes": 1,
+            "mem_bytes": plan.config.mem_bytes,
+            "args": plan.config.args,
+            "exit_code": outcome.exit_code,
+            "checksum": hex(outcome.report),
+            "reference_checksum": hex(reference),
+            "verified": verified,
+            "wall_ms": (wall_ms * 1000.0).round() / 1000.0,
+            "exits": outcome.exits,
+            "console": String::from_utf8_lossy(&outcome.console),
+        });
+        println!("{obj}");
+    } else {
+        let check = match verified {
+            Some(true) => "verified against the host reference".to_string(),
+            Some(false) => format!(
+                "MISMATCH: host reference is {}",
+                hex(reference).unwrap_or_default()
+            ),
+            None => "not verified (external image)".to_string(),
+        };
+        println!(
+            "{}: {} vCPUs, 1 node, exit code {}, checksum {} ({check}), {wall_ms:.1} ms",
+            plan.name,
+            plan.config.vcpus,
+            outcome.exit_code,
+            hex(outcome.report).unwrap_or_else(|| "none".into()),
+        );
+    }
+    Ok(if outcome.exit_code == 0 && verified != Some(false) {
+        0
+    } else {
+        1
+    })
+}

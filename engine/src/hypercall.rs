@@ -1,0 +1,221 @@
+//! Decoding guest hypercalls (docs/guest-abi.md, "Hypercalls"). A hypercall is port I/O
+//! on `HYPERCALL_PORT_BASE + nr`; calls with parameters pass the guest-physical address of
+//! a parameter block in `eax`. Decoding reads and validates the block and every pointer
+//! in it against guest RAM; executing the call is the machine's job.
+
+use crate::memory::{GuestMemory, MemoryError, Pod};
+use flotilla_abi::{hypercall as nr, *};
+
+/// Longest console write accepted in one call; longer writes get `-EINVAL`.
+pub const WRITE_MAX_BYTES: u64 = 1 << 20;
+
+/// A decoded `out` hypercall.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hypercall {
+    Exit(i32),
+    Return(i32),
+    /// Console write of `[buf, buf + len)`; `fd` already checked to be 1 or 2 unless
+    /// `bad_fd`.
+    Write {
+        block: u64,
+        fd: u32,
+        buf: u64,
+        len: u64,
+    },
+    Clock {
+        block: u64,
+        clock_id: u32,
+    },
+    FutexWait {
+        block: u64,
+        addr: u64,
+        expected: u32,
+        timeout_ns: u64,
+    },
+    FutexWake {
+        block: u64,
+        addr: u64,
+        count: u32,
+    },
+    Yield,
+    Report(u64),
+}
+
+/// A hypercall the guest got wrong in a way that ends the guest.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HypercallError {
+    #[error("{dir} on port {port:#x}, which is not a Flotilla hypercall")]
+    UnknownPort { port: u16, dir: &'static str },
+    #[error("hypercall {name}: parameter block: {reason}")]
+    Block { name: &'static str, reason: String },
+    #[error("hypercall {name}: {what} [{addr:#x}, {addr:#x} + {len:#x}) is outside guest RAM (size {ram:#x})")]
+    Pointer {
+        name: &'static str,
+        what: &'static str,
+        addr: u64,
+        len: u64,
+        ram: u64,
+    },
+}
+
+/// Name of hypercall `nr`, for messages.
+pub fn name(call: u16) -> &'static str {
+    match call {
+        nr::EXIT => "exit",
+        nr::RETURN => "return",
+        nr::WRITE => "write",
+        nr::VCPU_ID => "vcpu_id",
+        nr::VCPU_COUNT => "vcpu_count",
+        nr::CLOCK => "clock",
+        nr::FUTEX_WAIT => "futex_wait",
+        nr::FUTEX_WAKE => "futex_wake",
+        nr::YIELD => "yield",
+        nr::REPORT => "report",
+        _ => "unknown",
+    }
+}
+
+/// The hypercall number of `port`, if it is a hypercall port.
+pub fn number(port: u16) -> Option<u16> {
+    port.checked_sub(HYPERCALL_PORT_BASE)
+        .filter(|&n| n < nr::COUNT)
+}
+
+fn block<T: Pod>(memory: &GuestMemory, call: u16, addr: u64) -> Result<T, HypercallError> {
+    memory
+        .read_obj(addr)
+        .map_err(|e: MemoryError| HypercallError::Block {
+            name: name(call),
+            reason: e.to_string(),
+        })
+}
+
+fn pointer(
+    memory: &GuestMemory,
+    call: u16,
+    what: &'static str,
+    addr: u64,
+    len: u64,
+) -> Result<(), HypercallError> {
+    memory
+        .check_range(addr, len)
+        .map_err(|_| HypercallError::Pointer {
+            name: name(call),
+            what,
+            addr,
+            len,
+            ram: memory.size(),
+        })
+}
+
+/// Decodes an `out` of `value` to `port`.
+pub fn decode_out(
+    memory: &GuestMemory,
+    port: u16,
+    value: u32,
+) -> Result<Hypercall, HypercallError> {
+    let call = number(port).ok_or(HypercallError::UnknownPort { port, dir: "out" })?;
+    let addr = value as u64;
+    Ok(match call {
+        nr::EXIT => Hypercall::Exit(value as i32),
+        nr::RETURN => Hypercall::Return(value as i32),
+        nr::WRITE => {
+            let a: WriteArgs = block(memory, call, addr)?;
+            if a.len <= WRITE_MAX_BYTES {
+                pointer(memory, call, "buffer", a.buf, a.len)?;
+            }
+            Hypercall::Write {
+                block: addr,
+                fd: a.fd,
+                buf: a.buf,
+                len: a.len,
+            }
+        }
+        nr::CLOCK => {
+            let a: ClockArgs = block(memory, call, addr)?;
+            Hypercall::Clock {
+                block: addr,
+                clock_id: a.clock_id,
+            }
+        }
+        nr::FUTEX_WAIT => {
+            let a: FutexWaitArgs = block(memory, call, addr)?;
+            pointer(memory, call, "futex word", a.addr, 4)?;
+            Hypercall::FutexWait {
+                block: addr,
+                addr: a.addr,
+                expected: a.expected,
+                timeout_ns: a.timeout_ns,
+            }
+        }
+        nr::FUTEX_WAKE => {
+            let a: FutexWakeArgs = block(memory, call, addr)?;
+            pointer(memory, call, "futex word", a.addr, 4)?;
+            Hypercall::FutexWake {
+                block: addr,
+                addr: a.addr,
+                count: a.count,
+            }
+        }
+        nr::YIELD => Hypercall::Yield,
+        nr::REPORT => Hypercall::Report(block::<ReportArgs>(memory, call, addr)?.value),
+        _ => return Err(HypercallError::UnknownPort { port, dir: "out" }),
+    })
+}
+
+/// Offsets of the `result` fields, for writing results back.
+pub mod result_offset {
+    use flotilla_abi::*;
+    use std::mem::offset_of;
+    pub const WRITE: u64 = offset_of!(WriteArgs, result) as u64;
+    pub const CLOCK_RESULT: u64 = offset_of!(ClockArgs, result) as u64;
+    pub const CLOCK_NANOS: u64 = offset_of!(ClockArgs, nanos) as u64;
+    pub const FUTEX_WAIT: u64 = offset_of!(FutexWaitArgs, result) as u64;
+    pub const FUTEX_WAKE: u64 = offset_of!(FutexWakeArgs, result) as u64;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pointers_outside_ram_are_rejected() {
+        let mem = GuestMemory::new(4 << 20).unwrap();
+        let port = |n| HYPERCALL_PORT_BASE + n;
+        let args = WriteArgs {
+            fd: 1,
+            buf: (4 << 20) - 2,
+            len: 16,
+            ..Default::default()
+        };
+        mem.write_obj(0x8000, &args).unwrap();
+        assert!(matches!(
+            decode_out(&mem, port(nr::WRITE), 0x8000),
+            Err(HypercallError::Pointer { what: "buffer", .. })
+        ));
+        assert!(matches!(
+            decode_out(&mem, port(nr::WRITE), (4 << 20) - 8),
+            Err(HypercallError::Block { name: "write", .. })
+        ));
+        let wait = FutexWaitArgs {
+            addr: 1 << 40,
+            ..Default::default()
+        };
+        mem.write_obj(0x9000, &wait).unwrap();
+        assert!(matches!(
+            decode_out(&mem, port(nr::FUTEX_WAIT), 0x9000),
+            Err(HypercallError::Pointer {
+                what: "futex word",
+                ..
+            })
+        ));
+        assert_eq!(
+            decode_out(&mem, 0x3F8, 0),
+            Err(HypercallError::UnknownPort {
+                port: 0x3F8,
+                dir: "out"
+            })
+        );
+        assert_eq!(decode_out(&mem, port(nr::EXIT), 7), Ok(Hypercall::Exit(7)));
+    }
+}
