@@ -7,8 +7,8 @@
 //!
 //! A run ends when a vCPU calls EXIT, when every vCPU has returned from the entry point
 //! (the code is vCPU 0's return value), or with an [`Error`]: triple fault, an exit the
-//! engine does not handle, a bad hypercall, `hlt` with interrupts off, a futex deadlock,
-//! or the timeout. Whoever ends the run kicks every other vCPU out of the guest.
+//! engine does not handle, a bad hypercall, a futex deadlock, or the timeout. (Guests run
+//! at CPL 3, so `hlt` faults instead of halting a vCPU forever.) Whoever ends the run kicks every other vCPU out of the guest.
 
 use crate::boot::{check_args, check_machine, BootError, BootLayout};
 use crate::futex::{FutexTable, WaitOutcome};
@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 /// Most console output kept in an [`Outcome`].
 pub const CONSOLE_MAX_BYTES: usize = 1 << 20;
-/// How often the watchdog looks for halted vCPUs and the timeout.
+/// How often the watchdog looks at the clock for the timeout.
 const WATCHDOG_PERIOD: Duration = Duration::from_millis(250);
 
 /// What the guest's console output does besides being kept in the [`Outcome`].
@@ -84,10 +84,6 @@ pub enum Error {
         rip: u64,
         source: HypercallError,
     },
-    #[error(
-        "vCPU {vcpu}: executed hlt with interrupts disabled (rip {rip:#x}); it can never wake up"
-    )]
-    Halted { vcpu: u32, rip: u64 },
     #[error("deadlock: every running vCPU waits in futex_wait with no timeout (last: vCPU {vcpu} on {addr:#x})")]
     Deadlock { vcpu: u32, addr: u64 },
     #[error("the guest did not finish within {0:?}")]
@@ -435,40 +431,22 @@ impl Shared {
                 data[..n].copy_from_slice(&bytes[..n]);
                 return Ok(Flow::Continue);
             }
-            Exit::Interrupted => {
-                if !self.stop.load(Ordering::SeqCst)
-                    && !self.pause.load(Ordering::SeqCst)
-                    && vcpu.is_halted()?
-                {
-                    return Err(Error::Halted {
-                        vcpu: id,
-                        rip: vcpu.rip()?,
-                    });
-                }
-                return Ok(Flow::Continue);
-            }
+            // Kicked for a pause or the end of the run; the loop looks at the flags.
+            Exit::Interrupted => return Ok(Flow::Continue),
             Exit::Shutdown => {
                 return Err(Error::TripleFault {
                     vcpu: id,
                     rip: vcpu.rip()?,
                 })
             }
-            Exit::Halt => {
-                return Err(Error::Halted {
-                    vcpu: id,
-                    rip: vcpu.rip()?,
-                })
-            }
+            Exit::Halt => "hlt".to_string(),
             Exit::Mmio { addr, write, len } => format!(
                 "{} of {len} bytes at guest-physical {addr:#x}, outside guest RAM ({:#x} bytes)",
                 if write { "write" } else { "read" },
                 self.memory.size()
             ),
             Exit::MemoryFault { addr, len } => format!("memory fault at {addr:#x} (+{len:#x})"),
-            Exit::InternalError { suberror } => format!(
-                "KVM internal error (suberror {suberror}) {}",
-                vcpu.debug_sregs()
-            ),
+            Exit::InternalError { suberror } => format!("KVM internal error (suberror {suberror})"),
             Exit::FailEntry { reason } => format!("VM entry failed (reason {reason:#x})"),
             Exit::Other(what) => what,
         };
@@ -609,10 +587,6 @@ impl Shared {
                 drop(state);
                 self.finish(Err(Error::Timeout(timeout.unwrap_or_default())));
                 return;
-            }
-            // A kicked vCPU checks whether it sits in `hlt`, which nothing would end.
-            if !self.pause.load(Ordering::SeqCst) {
-                self.kick_all(&state);
             }
         }
     }

@@ -9,7 +9,7 @@ use crate::boot::{BootLayout, CODE_SELECTOR, DATA_SELECTOR, GDT};
 use flotilla_abi::{BOOT_INFO_ADDR, GDT_ADDR, PAGE_TABLES_ADDR};
 use kvm_bindings::{
     kvm_fpu, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_run, kvm_segment, Msrs,
-    KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE,
+    KVM_MP_STATE_RUNNABLE,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use std::sync::Arc;
@@ -37,7 +37,7 @@ pub enum Exit<'a> {
     Interrupted,
     /// Triple fault.
     Shutdown,
-    /// `hlt` without an in-kernel LAPIC to absorb it.
+    /// `hlt` reported to user space (not with the in-kernel LAPIC the engine creates).
     Halt,
     /// KVM could not emulate or deliver something.
     InternalError { suberror: u32 },
@@ -242,35 +242,6 @@ impl Vcpu {
         };
         self.fd.set_kvm_immediate_exit(0);
         outcome
-    }
-
-    /// True if the vCPU executed `hlt` and waits for an interrupt.
-    pub fn is_halted(&self) -> Result<bool, KvmError> {
-        let mp = self
-            .fd
-            .get_mp_state()
-            .map_err(self.err("KVM_GET_MP_STATE"))?;
-        Ok(mp.mp_state == KVM_MP_STATE_HALTED)
-    }
-
-    /// Control registers, for debugging.
-    pub fn debug_sregs(&self) -> String {
-        match self.fd.get_sregs() {
-            Ok(s) => format!(
-                "cr0={:#x} cr4={:#x} efer={:#x} cr3={:#x} xcr0={:?} events={:?}",
-                s.cr0,
-                s.cr4,
-                s.efer,
-                s.cr3,
-                self.fd.get_xcrs().map(|x| x.xcrs[0].value),
-                self.fd.get_vcpu_events().map(|e| (
-                    e.exception.injected,
-                    e.exception.nr,
-                    e.exception.pending
-                ))
-            ),
-            Err(e) => e.to_string(),
-        }
     }
 
     /// The guest's instruction pointer (for diagnostics).

@@ -1,0 +1,91 @@
+//! Every workload of the suite, run as a guest, gives the checksum the same code
+//! computes natively on host threads.
+
+mod common;
+
+use common::{config, kvm};
+use flotilla_engine::Machine;
+use flotilla_workloads::{native, Workload};
+
+/// Small problem sizes: seconds for the whole suite, yet every phase runs.
+fn small_args(w: Workload) -> &'static str {
+    match w {
+        Workload::Stream => "n=200k reps=4",
+        Workload::Matmul => "n=96",
+        Workload::Bfs => "vertices=50k degree=6",
+        Workload::Kvstore => "ops=200k keys=30k",
+        Workload::Sort => "n=300k",
+        Workload::Queue => "items=30k capacity=64",
+        Workload::Chase => "nodes=20k steps=100k",
+    }
+}
+
+fn check(w: Workload, vcpus: u32, args: &str) {
+    let prepared = w.prepare(args).expect("valid arguments");
+    let reference = native::run(&prepared, vcpus as usize)
+        .expect("native run")
+        .checksum;
+    let mem = (prepared.mem_bytes(vcpus as usize) as u64 + (16 << 20)).next_multiple_of(2 << 20);
+    let image = flotilla_guest_images::image(w);
+    let outcome = Machine::boot(config(vcpus, mem, args), image)
+        .unwrap()
+        .run()
+        .unwrap();
+    let console = String::from_utf8_lossy(&outcome.console);
+    assert_eq!(
+        outcome.exit_code,
+        0,
+        "{} on {vcpus} vCPUs: {console}",
+        w.name()
+    );
+    assert_eq!(
+        outcome.report,
+        Some(reference),
+        "{} on {vcpus} vCPUs: {console}",
+        w.name()
+    );
+    assert!(console.contains("self-check=ok"), "{console}");
+}
+
+#[test]
+fn every_workload_matches_the_host_reference_on_1_and_4_vcpus() {
+    if !kvm() {
+        return;
+    }
+    for w in Workload::ALL {
+        for vcpus in [1, 4] {
+            check(w, vcpus, small_args(w));
+        }
+    }
+}
+
+#[test]
+fn odd_vcpu_counts_work() {
+    if !kvm() {
+        return;
+    }
+    check(Workload::Sort, 3, "n=100001");
+    check(Workload::Queue, 5, "items=10k capacity=7");
+    check(Workload::Bfs, 7, "vertices=20k degree=3");
+}
+
+#[test]
+fn bad_arguments_end_the_guest_with_code_2() {
+    if !kvm() {
+        return;
+    }
+    let image = flotilla_guest_images::image(Workload::Stream);
+    let outcome = Machine::boot(config(2, 64 << 20, "n=banana"), image)
+        .unwrap()
+        .run()
+        .unwrap();
+    assert_eq!(outcome.exit_code, 2);
+    assert!(String::from_utf8_lossy(&outcome.console).contains("n='banana'"));
+    // Too little guest memory for the problem size: code 3, with both sizes named.
+    let outcome = Machine::boot(config(2, 64 << 20, "n=100m"), image)
+        .unwrap()
+        .run()
+        .unwrap();
+    assert_eq!(outcome.exit_code, 3);
+    assert!(String::from_utf8_lossy(&outcome.console).contains("needs"));
+}
