@@ -72,7 +72,7 @@ impl BootLayout {
         stack_bytes: u64,
     ) -> Result<Self, BootError> {
         check_machine(vcpus, ram_bytes)?;
-        if stack_bytes == 0 || stack_bytes % PAGE_SIZE != 0 || stack_bytes > 64 << 20 {
+        if stack_bytes == 0 || !stack_bytes.is_multiple_of(PAGE_SIZE) || stack_bytes > 64 << 20 {
             return Err(BootError::StackSize(stack_bytes));
         }
         let stacks_start = image.end().next_multiple_of(PAGE_SIZE);
@@ -146,7 +146,7 @@ pub fn check_machine(vcpus: u32, ram_bytes: u64) -> Result<(), BootError> {
     if vcpus == 0 || vcpus > VCPUS_MAX {
         return Err(BootError::VcpuCount(vcpus));
     }
-    if !(RAM_MIN_BYTES..=RAM_MAX_BYTES).contains(&ram_bytes) || ram_bytes % (2 << 20) != 0 {
+    if !(RAM_MIN_BYTES..=RAM_MAX_BYTES).contains(&ram_bytes) || !ram_bytes.is_multiple_of(2 << 20) {
         return Err(BootError::RamSize(ram_bytes));
     }
     Ok(())

@@ -61,7 +61,7 @@ unsafe impl Sync for GuestMemory {}
 impl GuestMemory {
     /// Maps `size` bytes of zero-filled, lazily allocated guest RAM.
     pub fn new(size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % (2 << 20) != 0 || size > flotilla_abi::RAM_MAX_BYTES {
+        if size == 0 || !size.is_multiple_of(2 << 20) || size > flotilla_abi::RAM_MAX_BYTES {
             return Err(MemoryError::BadSize(size));
         }
         // SAFETY: anonymous private mapping; the result is checked below.
@@ -155,7 +155,7 @@ impl GuestMemory {
 
     /// The 4-byte aligned word at `addr`, for futex operations.
     pub fn atomic_u32(&self, addr: u64) -> Result<&AtomicU32, MemoryError> {
-        if addr % 4 != 0 {
+        if !addr.is_multiple_of(4) {
             return Err(MemoryError::Misaligned { addr, align: 4 });
         }
         let ptr = self.host_ptr(addr, 4)?;

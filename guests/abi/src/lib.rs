@@ -202,23 +202,22 @@ pub const RETURN_TRAMPOLINE_CODE: [u8; 8] = {
     [0x66, 0xBA, port[0], port[1], 0xEF, 0xF4, 0xEB, 0xFD]
 };
 
+// The engine's regions must not overlap; checked when anything builds this crate.
+const _: () = {
+    assert!(GDT_ADDR + PAGE_SIZE <= BOOT_INFO_ADDR);
+    assert!(ARGS_ADDR >= BOOT_INFO_ADDR + core::mem::size_of::<BootInfo>() as u64);
+    assert!(ARGS_ADDR + ARGS_MAX_BYTES < BOOT_INFO_ADDR + PAGE_SIZE);
+    assert!(BOOT_INFO_ADDR + PAGE_SIZE <= RETURN_TRAMPOLINE_ADDR);
+    assert!(RETURN_TRAMPOLINE_ADDR + PAGE_SIZE <= PAGE_TABLES_ADDR);
+    // PML4 + PDPT + one PD per GiB of the largest RAM.
+    assert!(PAGE_TABLES_ADDR + (2 + (RAM_MAX_BYTES >> 30)) * PAGE_SIZE <= IMAGE_MIN_ADDR);
+    assert!(IMAGE_MIN_ADDR < RAM_MIN_BYTES);
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use core::mem::size_of;
-
-    #[test]
-    fn layout_regions_do_not_overlap() {
-        assert!(GDT_ADDR + PAGE_SIZE <= BOOT_INFO_ADDR);
-        assert!(ARGS_ADDR >= BOOT_INFO_ADDR + size_of::<BootInfo>() as u64);
-        assert!(ARGS_ADDR + ARGS_MAX_BYTES < BOOT_INFO_ADDR + PAGE_SIZE);
-        assert!(BOOT_INFO_ADDR + PAGE_SIZE <= RETURN_TRAMPOLINE_ADDR);
-        assert!(RETURN_TRAMPOLINE_ADDR + PAGE_SIZE <= PAGE_TABLES_ADDR);
-        // PML4 + PDPT + one PD per GiB of the largest RAM.
-        let tables_end = PAGE_TABLES_ADDR + (2 + (RAM_MAX_BYTES >> 30)) * PAGE_SIZE;
-        assert!(tables_end <= IMAGE_MIN_ADDR);
-        assert!(IMAGE_MIN_ADDR < RAM_MIN_BYTES);
-    }
 
     #[test]
     fn struct_sizes_are_stable() {

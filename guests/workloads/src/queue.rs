@@ -114,7 +114,7 @@ impl Params {
 
         let backoff = |misses: &mut u32| {
             *misses += 1;
-            if *misses % 64 == 0 {
+            if (*misses).is_multiple_of(64) {
                 ctx.sys.relax();
             } else {
                 core::hint::spin_loop();
@@ -144,7 +144,7 @@ impl Params {
                 }
                 while consume_one(&mut misses) {}
             }
-        } else if ctx.id % 2 == 0 {
+        } else if ctx.id.is_multiple_of(2) {
             loop {
                 let i = claimed.fetch_add(1, Ordering::Relaxed);
                 if i >= self.items {

@@ -59,8 +59,8 @@ impl<'a, S: Sys> Ctx<'a, S> {
     /// threads that run this workload, zero-filled before any of them starts, aligned to
     /// 64 bytes, and not used by anything else while they run.
     pub unsafe fn new(id: usize, threads: usize, sys: &'a S, base: *mut u8, len: usize) -> Self {
-        debug_assert!(threads >= 1 && threads <= MAX_THREADS && id < threads);
-        debug_assert!(len >= CONTROL_BYTES && base as usize % 64 == 0);
+        debug_assert!((1..=MAX_THREADS).contains(&threads) && id < threads);
+        debug_assert!(len >= CONTROL_BYTES && (base as usize).is_multiple_of(64));
         Ctx {
             id,
             threads,
@@ -281,7 +281,7 @@ impl<'a, S: Sys> SpinLock<'a, S> {
                 return;
             }
             spins += 1;
-            if spins % SPINS_BEFORE_SLEEP == 0 {
+            if spins.is_multiple_of(SPINS_BEFORE_SLEEP) {
                 self.sys.relax();
             } else {
                 core::hint::spin_loop();
