@@ -5,11 +5,19 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 fn flotilla(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla")).args(args).output().expect("flotilla runs")
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .output()
+        .expect("flotilla runs")
 }
 
 fn kvm() -> bool {
-    if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
         return true;
     }
     if std::env::var("FLOTILLA_SKIP_KVM").as_deref() == Ok("1") {
@@ -21,7 +29,8 @@ fn kvm() -> bool {
 
 fn json(out: &Output) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"))
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"))
 }
 
 fn stderr(out: &Output) -> String {
@@ -32,8 +41,14 @@ fn stderr(out: &Output) -> String {
 fn workloads_lists_one_name_a_line() {
     let out = flotilla(&["workloads"]);
     assert!(out.status.success());
-    let names: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_owned).collect();
-    assert_eq!(names, ["stream", "matmul", "bfs", "kvstore", "sort", "queue", "chase"]);
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        names,
+        ["stream", "matmul", "bfs", "kvstore", "sort", "queue", "chase"]
+    );
 }
 
 #[test]
@@ -64,7 +79,10 @@ fn default_demo_runs() {
     let out = flotilla(&["run"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text} {}", stderr(&out));
-    assert!(text.contains("verified against the host reference"), "{text}");
+    assert!(
+        text.contains("verified against the host reference"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -73,20 +91,52 @@ fn bad_command_lines_get_clear_errors() {
         (&["run", "--workload", "stream", "--vcpus", "0"], "1 to 64"),
         (&["run", "--workload", "stream", "--vcpus", "65"], "1 to 64"),
         (&["run", "--workload", "nope"], "unknown workload 'nope'"),
-        (&["run", "--workload", "stream", "--mem", "lots"], "not a size"),
-        (&["run", "--workload", "stream", "--mem", "8M", "--args", "n=10m"], "needs about"),
-        (&["run", "--workload", "stream", "--args", "n=banana"], "n='banana'"),
-        (&["run", "--workload", "stream", "--args", "colour=blue"], "unknown argument 'colour'"),
-        (&["run", "--image", "/nonexistent/guest.elf"], "cannot read guest image"),
-        (&["run", "--workload", "stream", "--timeout", "0"], "positive"),
+        (
+            &["run", "--workload", "stream", "--mem", "lots"],
+            "not a size",
+        ),
+        (
+            &[
+                "run",
+                "--workload",
+                "stream",
+                "--mem",
+                "8M",
+                "--args",
+                "n=10m",
+            ],
+            "needs about",
+        ),
+        (
+            &["run", "--workload", "stream", "--args", "n=banana"],
+            "n='banana'",
+        ),
+        (
+            &["run", "--workload", "stream", "--args", "colour=blue"],
+            "unknown argument 'colour'",
+        ),
+        (
+            &["run", "--image", "/nonexistent/guest.elf"],
+            "cannot read guest image",
+        ),
+        (
+            &["run", "--workload", "stream", "--timeout", "0"],
+            "positive",
+        ),
         (&["run", "--workload", "stream", "--timeout=-1"], "positive"),
-        (&["run", "--image", "/dev/null"], "too short for an ELF header"),
+        (
+            &["run", "--image", "/dev/null"],
+            "too short for an ELF header",
+        ),
     ];
     for (args, expected) in cases {
         let out = flotilla(args);
         let err = stderr(&out);
         assert!(!out.status.success(), "{args:?} succeeded");
-        assert!(err.contains(expected), "{args:?}: stderr {err:?} lacks {expected:?}");
+        assert!(
+            err.contains(expected),
+            "{args:?}: stderr {err:?} lacks {expected:?}"
+        );
         assert!(!err.contains("panicked"), "{args:?} panicked: {err}");
     }
 }
@@ -100,19 +150,32 @@ fn a_non_elf_image_is_refused_in_json_too() {
     let out = flotilla(&["run", "--image", path.to_str().unwrap(), "--json"]);
     assert!(!out.status.success());
     let v = json(&out);
-    assert!(v["error"].as_str().unwrap_or("").contains("bad magic"), "{v}");
+    assert!(
+        v["error"].as_str().unwrap_or("").contains("bad magic"),
+        "{v}"
+    );
     let _ = std::fs::remove_dir_all(dir);
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 /// Builds guests/c/hello.c the way docs/guest-abi.md tells an outside programmer to.
 fn build_c_guest() -> PathBuf {
     let out = std::env::temp_dir().join(format!("flotilla-hello-{}.elf", std::process::id()));
     let status = Command::new("gcc")
-        .args(["-ffreestanding", "-nostdlib", "-static", "-fno-pie", "-no-pie", "-O2"])
+        .args([
+            "-ffreestanding",
+            "-nostdlib",
+            "-static",
+            "-fno-pie",
+            "-no-pie",
+            "-O2",
+        ])
         .arg("-I")
         .arg(repo().join("guests/include"))
         .args(["-Wl,-Ttext-segment=0x400000", "-Wl,--build-id=none", "-o"])
@@ -130,15 +193,44 @@ fn external_c_guest_runs() {
         return;
     }
     let elf = build_c_guest();
-    let out = flotilla(&["run", "--image", elf.to_str().unwrap(), "--vcpus", "4", "--json"]);
+    let out = flotilla(&[
+        "run",
+        "--image",
+        elf.to_str().unwrap(),
+        "--vcpus",
+        "4",
+        "--json",
+    ]);
     let v = json(&out);
     assert!(out.status.success(), "{v} {}", stderr(&out));
     assert_eq!(v["exit_code"], 0);
-    assert_eq!(v["checksum"], "0x000000000000000a", "sum of 1..=4 reported: {v}");
-    assert_eq!(v["verified"], Value::Null, "external images have no reference");
-    assert!(v["console"].as_str().unwrap().contains("hello from C on 4 vCPUs"), "{v}");
+    assert_eq!(
+        v["checksum"], "0x000000000000000a",
+        "sum of 1..=4 reported: {v}"
+    );
+    assert_eq!(
+        v["verified"],
+        Value::Null,
+        "external images have no reference"
+    );
+    assert!(
+        v["console"]
+            .as_str()
+            .unwrap()
+            .contains("hello from C on 4 vCPUs"),
+        "{v}"
+    );
 
-    let out = flotilla(&["run", "--image", elf.to_str().unwrap(), "--vcpus", "2", "--args", "fail", "--json"]);
+    let out = flotilla(&[
+        "run",
+        "--image",
+        elf.to_str().unwrap(),
+        "--vcpus",
+        "2",
+        "--args",
+        "fail",
+        "--json",
+    ]);
     assert_eq!(json(&out)["exit_code"], 3);
     assert!(!out.status.success());
     let _ = std::fs::remove_file(elf);

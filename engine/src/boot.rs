@@ -40,6 +40,11 @@ pub enum BootError {
     },
     #[error("guest RAM must be between {RAM_MIN_BYTES} and {RAM_MAX_BYTES} bytes and a multiple of 2 MiB, not {0}")]
     RamSize(u64),
+    #[error(
+        "the image and stacks end at {0:#x}, above 4 GiB: hypercall parameter blocks on the stack \
+         must have 32-bit addresses; link the image lower or use fewer or smaller stacks"
+    )]
+    StacksAbove4GiB(u64),
     #[error("stack size {0} must be a non-zero multiple of 4096 bytes, at most 64 MiB")]
     StackSize(u64),
     #[error("argument string is {0} bytes; the most is {ARGS_MAX_BYTES}")]
@@ -85,6 +90,9 @@ impl BootLayout {
                 stack_bytes,
                 need,
             });
+        }
+        if need > 1 << 32 {
+            return Err(BootError::StacksAbove4GiB(need));
         }
         Ok(BootLayout {
             vcpus,

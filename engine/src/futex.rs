@@ -219,6 +219,25 @@ mod tests {
     }
 
     #[test]
+    fn a_woken_waiter_no_longer_counts_as_blocked() {
+        let table = Arc::new(FutexTable::new(2));
+        let t1 = Arc::clone(&table);
+        let first = std::thread::spawn(move || t1.wait(1, 0x40, || true, None));
+        while table.wake(0x40, 1) == 0 {
+            std::thread::yield_now();
+        }
+        // vCPU 1 is woken but its thread may not have run yet: vCPU 0 waiting now is
+        // not a deadlock.
+        let t0 = Arc::clone(&table);
+        let second = std::thread::spawn(move || t0.wait(0, 0x80, || true, None));
+        assert_eq!(first.join().unwrap(), WaitOutcome::Woken);
+        while table.wake(0x80, 1) == 0 && !second.is_finished() {
+            std::thread::yield_now();
+        }
+        assert_eq!(second.join().unwrap(), WaitOutcome::Woken);
+    }
+
+    #[test]
     fn interrupt_releases_waiters() {
         let table = Arc::new(FutexTable::new(2));
         let t2 = Arc::clone(&table);

@@ -14,8 +14,8 @@ pub const WRITE_MAX_BYTES: u64 = 1 << 20;
 pub enum Hypercall {
     Exit(i32),
     Return(i32),
-    /// Console write of `[buf, buf + len)`; `fd` already checked to be 1 or 2 unless
-    /// `bad_fd`.
+    /// Console write of `[buf, buf + len)` to `fd` (the machine answers -EINVAL for an fd
+    /// other than 1 and 2, or a length over `WRITE_MAX_BYTES`).
     Write {
         block: u64,
         fd: u32,
@@ -30,6 +30,7 @@ pub enum Hypercall {
         block: u64,
         addr: u64,
         expected: u32,
+        flags: u32,
         timeout_ns: u64,
     },
     FutexWake {
@@ -145,6 +146,7 @@ pub fn decode_out(
                 block: addr,
                 addr: a.addr,
                 expected: a.expected,
+                flags: a.flags,
                 timeout_ns: a.timeout_ns,
             }
         }

@@ -121,6 +121,8 @@ pub struct Snapshot {
     pub vcpus: Vec<Option<VcpuState>>,
     pub returned: Vec<Option<i32>>,
     pub report: Option<u64>,
+    /// The guest's monotonic clock at the pause; a restored guest's clock continues from it.
+    pub clock_ns: u64,
 }
 
 /// A built machine, not yet running.
@@ -131,6 +133,7 @@ pub struct Machine {
     vcpus: Vec<Vcpu>,
     returned: Vec<Option<i32>>,
     report: Option<u64>,
+    clock_ns: u64,
 }
 
 impl Machine {
@@ -167,6 +170,7 @@ impl Machine {
             vcpus,
             returned,
             report: None,
+            clock_ns: 0,
         })
     }
 
@@ -202,6 +206,7 @@ impl Machine {
             vcpus,
             returned: snapshot.returned.clone(),
             report: snapshot.report,
+            clock_ns: snapshot.clock_ns,
         })
     }
 
@@ -227,6 +232,7 @@ impl Machine {
             memory: Arc::clone(&self.memory),
             vcpus: n,
             started: Instant::now(),
+            clock_base_ns: self.clock_ns,
             console_mode: self.config.console,
             stop: AtomicBool::new(false),
             pause: AtomicBool::new(false),
@@ -304,6 +310,8 @@ struct Shared {
     memory: Arc<GuestMemory>,
     vcpus: u32,
     started: Instant,
+    /// Guest clock at `started` (non-zero after a restore).
+    clock_base_ns: u64,
     console_mode: ConsoleMode,
     stop: AtomicBool,
     pause: AtomicBool,
@@ -492,7 +500,7 @@ impl Shared {
             }
             Hypercall::Clock { block, clock_id } => {
                 let (result, nanos) = if clock_id == CLOCK_MONOTONIC {
-                    (0i32, self.started.elapsed().as_nanos() as u64)
+                    (0i32, self.clock_ns())
                 } else {
                     (-errno::EINVAL, 0)
                 };
@@ -503,10 +511,12 @@ impl Shared {
                 block,
                 addr,
                 expected,
+                flags,
                 timeout_ns,
             } => {
                 let result = match mem.atomic_u32(addr) {
                     Err(_) => -errno::EINVAL,
+                    Ok(_) if flags != 0 => -errno::EINVAL,
                     Ok(word) => {
                         let timeout = (timeout_ns > 0).then(|| Duration::from_nanos(timeout_ns));
                         let still = || word.load(Ordering::SeqCst) == expected;
@@ -532,6 +542,11 @@ impl Shared {
             Hypercall::Report(value) => self.state().report = Some(value),
         }
         Ok(Flow::Continue)
+    }
+
+    /// The guest's monotonic clock.
+    fn clock_ns(&self) -> u64 {
+        self.clock_base_ns + self.started.elapsed().as_nanos() as u64
     }
 
     fn console(&self, fd: u32, bytes: &[u8]) {
@@ -638,6 +653,7 @@ impl RunningMachine {
             vcpus,
             returned: state.returned.clone(),
             report: state.report,
+            clock_ns: s.clock_ns(),
         })
     }
 

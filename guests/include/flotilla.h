@@ -1,10 +1,11 @@
 /* flotilla.h: the Flotilla guest ABI for C guests (version 1).
  *
  * GENERATED from guests/abi/src/lib.rs by guests/abi/tests/c_header.rs; do not edit.
-* Regenerate with: FLOTILLA_BLESS=1 cargo test -p flotilla-abi --test c_header
-* Reference: docs/guest-abi.md. Build guests with
-*   gcc -ffreestanding -nostdlib -static -fno-pie -no-pie -Wl,-Ttext-segment=0x400000
-*/
+ * Regenerate with: FLOTILLA_BLESS=1 cargo test -p flotilla-abi --test c_header
+ * Reference: docs/guest-abi.md. Build guests with
+ *   gcc -ffreestanding -nostdlib -static -fno-pie -no-pie -fno-stack-protector \
+ *       -Wl,-Ttext-segment=0x400000
+ */
 #ifndef FLOTILLA_H
 #define FLOTILLA_H
 
@@ -38,9 +39,9 @@
 #define FLOTILLA_HC_REPORT 0x9ULL
 #define FLOTILLA_HC_COUNT 0xaULL
 #define FLOTILLA_CLOCK_MONOTONIC 0x4ULL
-#define FLOTILLA_EINVAL 0x16ULL
-#define FLOTILLA_EAGAIN 0xbULL
-#define FLOTILLA_ETIMEDOUT 0x6eULL
+#define FLOTILLA_EINVAL 22
+#define FLOTILLA_EAGAIN 11
+#define FLOTILLA_ETIMEDOUT 110
 
 struct flotilla_boot_info {
     uint64_t magic;

@@ -115,10 +115,8 @@ impl Vcpu {
             | Cr0Flags::WRITE_PROTECT
             | Cr0Flags::PAGING)
             .bits();
-        sregs.efer = (EferFlags::LONG_MODE_ENABLE
-            | EferFlags::LONG_MODE_ACTIVE
-            | EferFlags::SYSTEM_CALL_EXTENSIONS)
-            .bits();
+        // No SCE: there is no syscall entry point, so `syscall` is a clean #UD.
+        sregs.efer = (EferFlags::LONG_MODE_ENABLE | EferFlags::LONG_MODE_ACTIVE).bits();
         self.fd
             .set_sregs(&sregs)
             .map_err(self.err("KVM_SET_SREGS"))?;

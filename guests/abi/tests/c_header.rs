@@ -20,13 +20,23 @@ fn render() -> String {
         "/* flotilla.h: the Flotilla guest ABI for C guests (version {ABI_VERSION})."
     )
     .unwrap();
-    w.push_str(
-        " *\n * GENERATED from guests/abi/src/lib.rs by guests/abi/tests/c_header.rs; do not edit.\n\
-         * Regenerate with: FLOTILLA_BLESS=1 cargo test -p flotilla-abi --test c_header\n\
-         * Reference: docs/guest-abi.md. Build guests with\n\
-         *   gcc -ffreestanding -nostdlib -static -fno-pie -no-pie -Wl,-Ttext-segment=0x400000\n\
-         */\n#ifndef FLOTILLA_H\n#define FLOTILLA_H\n\n#include <stdint.h>\n#include <stddef.h>\n\n",
-    );
+    for line in [
+        " *",
+        " * GENERATED from guests/abi/src/lib.rs by guests/abi/tests/c_header.rs; do not edit.",
+        " * Regenerate with: FLOTILLA_BLESS=1 cargo test -p flotilla-abi --test c_header",
+        " * Reference: docs/guest-abi.md. Build guests with",
+        " *   gcc -ffreestanding -nostdlib -static -fno-pie -no-pie -fno-stack-protector \\",
+        " *       -Wl,-Ttext-segment=0x400000",
+        " */",
+        "#ifndef FLOTILLA_H",
+        "#define FLOTILLA_H",
+        "",
+        "#include <stdint.h>",
+        "#include <stddef.h>",
+        "",
+    ] {
+        writeln!(w, "{line}").unwrap();
+    }
     let consts: &[(&str, u64)] = &[
         ("FLOTILLA_ABI_VERSION", ABI_VERSION as u64),
         ("FLOTILLA_BOOT_INFO_MAGIC", BOOT_INFO_MAGIC),
@@ -55,12 +65,18 @@ fn render() -> String {
         ("FLOTILLA_HC_REPORT", hypercall::REPORT as u64),
         ("FLOTILLA_HC_COUNT", hypercall::COUNT as u64),
         ("FLOTILLA_CLOCK_MONOTONIC", CLOCK_MONOTONIC as u64),
-        ("FLOTILLA_EINVAL", errno::EINVAL as u64),
-        ("FLOTILLA_EAGAIN", errno::EAGAIN as u64),
-        ("FLOTILLA_ETIMEDOUT", errno::ETIMEDOUT as u64),
     ];
     for (name, value) in consts {
         writeln!(w, "#define {name} {value:#x}ULL").unwrap();
+    }
+    // Error numbers are plain ints, so `result == -FLOTILLA_EAGAIN` compares as signed.
+    let errnos = [
+        ("FLOTILLA_EINVAL", errno::EINVAL),
+        ("FLOTILLA_EAGAIN", errno::EAGAIN),
+        ("FLOTILLA_ETIMEDOUT", errno::ETIMEDOUT),
+    ];
+    for (name, value) in errnos {
+        writeln!(w, "#define {name} {value}").unwrap();
     }
     w.push('\n');
 

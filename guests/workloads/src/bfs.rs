@@ -13,7 +13,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 pub const KEYS: [Key; 3] = [
     Key {
         name: "vertices",
-        default: 1_000_000,
+        default: 3_000_000,
         min: 2,
         max: 1 << 30,
         help: "graph vertices",

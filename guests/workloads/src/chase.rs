@@ -17,7 +17,7 @@ pub const KEYS: [Key; 3] = [
     },
     Key {
         name: "steps",
-        default: 4_000_000,
+        default: 2_000_000,
         min: 1,
         max: 1 << 40,
         help: "hops per thread",

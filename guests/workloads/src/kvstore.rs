@@ -13,14 +13,14 @@ use core::sync::atomic::{AtomicU64, Ordering};
 pub const KEYS: [Key; 3] = [
     Key {
         name: "ops",
-        default: 4_000_000,
+        default: 20_000_000,
         min: 1,
         max: 1 << 40,
         help: "upserts in total",
     },
     Key {
         name: "keys",
-        default: 500_000,
+        default: 2_000_000,
         min: 1,
         max: 1 << 30,
         help: "distinct key space",

@@ -10,7 +10,7 @@ use crate::Failure;
 pub const KEYS: [Key; 2] = [
     Key {
         name: "n",
-        default: 320,
+        default: 1000,
         min: 1,
         max: 16_384,
         help: "matrix dimension",

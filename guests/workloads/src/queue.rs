@@ -12,7 +12,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 pub const KEYS: [Key; 3] = [
     Key {
         name: "items",
-        default: 400_000,
+        default: 2_000_000,
         min: 1,
         max: 1 << 40,
         help: "items passed through the queue",

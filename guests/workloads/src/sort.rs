@@ -11,7 +11,7 @@ use crate::Failure;
 pub const KEYS: [Key; 2] = [
     Key {
         name: "n",
-        default: 4_000_000,
+        default: 16_000_000,
         min: 1,
         max: 1 << 34,
         help: "keys to sort",

@@ -10,14 +10,14 @@ use crate::Failure;
 pub const KEYS: [Key; 3] = [
     Key {
         name: "n",
-        default: 2_000_000,
+        default: 4_000_000,
         min: 1,
         max: 1_000_000_000,
         help: "elements per array",
     },
     Key {
         name: "reps",
-        default: 20,
+        default: 60,
         min: 1,
         max: 1_000_000,
         help: "triad rounds",
