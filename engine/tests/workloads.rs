@@ -89,3 +89,22 @@ fn bad_arguments_end_the_guest_with_code_2() {
     assert_eq!(outcome.exit_code, 3);
     assert!(String::from_utf8_lossy(&outcome.console).contains("needs"));
 }
+
+#[test]
+fn sixty_four_vcpus_and_sixteen_gib_of_lazy_ram() {
+    if !kvm() {
+        return;
+    }
+    let (w, vcpus, args) = (Workload::Stream, 64, "n=100k reps=2");
+    let reference = native::run(&w.prepare(args).unwrap(), vcpus)
+        .unwrap()
+        .checksum;
+    let outcome = Machine::boot(
+        config(vcpus as u32, 16 << 30, args),
+        flotilla_guest_images::image(w),
+    )
+    .unwrap()
+    .run()
+    .unwrap();
+    assert_eq!((outcome.exit_code, outcome.report), (0, Some(reference)));
+}
