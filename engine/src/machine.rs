@@ -25,8 +25,6 @@ use std::time::{Duration, Instant};
 
 /// Most console output kept in an [`Outcome`].
 pub const CONSOLE_MAX_BYTES: usize = 1 << 20;
-/// How often the watchdog looks at the clock for the timeout.
-const WATCHDOG_PERIOD: Duration = Duration::from_millis(250);
 
 /// What the guest's console output does besides being kept in the [`Outcome`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -587,22 +585,25 @@ impl Shared {
         state.paused -= 1;
     }
 
+    /// Ends the run at the timeout; without one, just waits for the end.
     fn watchdog(&self, timeout: Option<Duration>) {
         let mut state = self.state();
-        loop {
+        while state.result.is_none() {
+            let Some(limit) = timeout else {
+                state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                continue;
+            };
+            let elapsed = self.started.elapsed();
+            if elapsed >= limit {
+                drop(state);
+                self.finish(Err(Error::Timeout(limit)));
+                return;
+            }
             state = self
                 .changed
-                .wait_timeout(state, WATCHDOG_PERIOD)
+                .wait_timeout(state, limit - elapsed)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-            if state.result.is_some() {
-                return;
-            }
-            if timeout.is_some_and(|t| self.started.elapsed() >= t) {
-                drop(state);
-                self.finish(Err(Error::Timeout(timeout.unwrap_or_default())));
-                return;
-            }
         }
     }
 }
