@@ -67,9 +67,7 @@ fn overhead(a: OverheadArgs) -> Result<i32> {
         let prepared = w
             .prepare(&a.args)
             .map_err(|e| anyhow!("workload {}: {e}", w.name()))?;
-        let mem = (prepared.mem_bytes(a.vcpus as usize) as u64 + (16 << 20))
-            .next_multiple_of(2 << 20)
-            .max(256 << 20);
+        let mem = crate::run::default_guest_mem(&prepared, a.vcpus);
         let config = MachineConfig {
             vcpus: a.vcpus,
             mem_bytes: mem,

@@ -105,14 +105,13 @@ fn plan(args: &RunArgs) -> Result<Plan> {
     let prepared = workload
         .prepare(&args.args)
         .map_err(|e| anyhow!("workload {name}: {e}"))?;
-    let need = prepared.mem_bytes(vcpus as usize) as u64 + ENGINE_HEADROOM_BYTES;
-    let need = need.next_multiple_of(2 << 20);
+    let need = guest_mem_needed(&prepared, vcpus);
     config.mem_bytes = match args.mem {
         Some(mem) if mem < need => {
             bail!("workload {name} with these arguments needs about {need} bytes of guest RAM; --mem gives {mem}")
         }
         Some(mem) => mem,
-        None => need.max(MIN_DEFAULT_MEM_BYTES),
+        None => default_guest_mem(&prepared, vcpus),
     };
     let image = flotilla_guest_images::image(workload).to_vec();
     Ok(Plan {
@@ -121,6 +120,17 @@ fn plan(args: &RunArgs) -> Result<Plan> {
         image,
         config,
     })
+}
+
+/// Guest RAM a workload needs on `vcpus` vCPUs: its shared region plus the engine's
+/// headroom, rounded to the 2 MiB granularity of guest RAM.
+pub fn guest_mem_needed(prepared: &flotilla_workloads::Prepared, vcpus: u32) -> u64 {
+    (prepared.mem_bytes(vcpus as usize) as u64 + ENGINE_HEADROOM_BYTES).next_multiple_of(2 << 20)
+}
+
+/// Guest RAM a workload gets when no `--mem` is given.
+pub fn default_guest_mem(prepared: &flotilla_workloads::Prepared, vcpus: u32) -> u64 {
+    guest_mem_needed(prepared, vcpus).max(MIN_DEFAULT_MEM_BYTES)
 }
 
 /// Runs a plan's guest; returns the outcome and the wall time of building the VM.
