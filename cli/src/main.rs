@@ -6,6 +6,7 @@
 //! - `flotilla bench overhead`: each workload natively and as a guest.
 
 mod bench;
+mod cluster;
 mod run;
 
 use anyhow::Result;
@@ -33,6 +34,8 @@ enum Command {
     },
     /// Run a guest: a built-in workload, or an external ELF image.
     Run(run::RunArgs),
+    /// Run one node of a multi-machine cluster (see README.md, "Cluster configuration").
+    Node(cluster::NodeArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -70,6 +73,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             Ok(0)
         }
         Command::Run(args) => run::run(args),
+        Command::Node(a) => cluster::node(a),
         Command::Bench(b) => bench::bench(b),
     }
 }

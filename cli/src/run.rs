@@ -1,11 +1,12 @@
 //! `flotilla run`: one guest on this node.
 
+use crate::cluster::{launch as launch_cluster, percentiles, Launch};
 use crate::parse_size;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use flotilla_engine::{ConsoleMode, Machine, MachineConfig, Outcome};
 use flotilla_workloads::{native, Workload};
-use serde_json::json;
+use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,7 +44,29 @@ pub struct RunArgs {
     /// Skip computing the host reference checksum (verified is then null).
     #[arg(long)]
     pub no_verify: bool,
+    /// Run across this many node processes on this machine (1 to 64). Without it, the
+    /// demo runs on 2 nodes and a given workload or image on one in-process engine.
+    #[arg(long)]
+    pub nodes: Option<u16>,
+    /// Node-to-node transport: tcp or shm.
+    #[arg(long, default_value = "tcp")]
+    pub transport: String,
+    /// Placement policy: always-page, always-vcpu, random or heuristic.
+    #[arg(long, default_value = "heuristic")]
+    pub policy: String,
+    /// Seed of the random policy.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Initial node of each vCPU, e.g. 0,0,1,1 (default: round-robin).
+    #[arg(long, value_delimiter = ',')]
+    pub vcpu_nodes: Vec<u16>,
+    /// Initial spread of guest RAM: contiguous (equal ranges) or interleave (by page).
+    #[arg(long, default_value = "contiguous")]
+    pub ram: String,
 }
+
+/// Nodes of the demo cluster `flotilla run` starts with no options.
+pub const DEFAULT_NODES: u16 = 2;
 
 /// What was run, for the summary.
 struct Plan {
@@ -143,6 +166,10 @@ fn execute(plan: &Plan) -> Result<(Outcome, Duration), flotilla_engine::Error> {
 
 pub fn run(args: RunArgs) -> Result<i32> {
     let plan = plan(&args)?;
+    let demo = args.workload.is_none() && args.image.is_none();
+    if let Some(nodes) = args.nodes.or(demo.then_some(DEFAULT_NODES)) {
+        return run_cluster(&args, &plan, nodes);
+    }
     let result = execute(&plan);
     let (outcome, _setup) = match result {
         Ok(r) => r,
@@ -206,6 +233,129 @@ pub fn run(args: RunArgs) -> Result<i32> {
         );
     }
     Ok(if outcome.exit_code == 0 && verified != Some(false) {
+        0
+    } else {
+        1
+    })
+}
+
+fn reference(plan: &Plan, args: &RunArgs) -> Result<Option<u64>> {
+    match (plan.workload, args.no_verify) {
+        (Some(w), false) => {
+            let prepared = w.prepare(&args.args).map_err(|e| anyhow!("{e}"))?;
+            let native = native::run(&prepared, plan.config.vcpus as usize)
+                .map_err(|e| anyhow!("computing the reference checksum on the host: {e}"))?;
+            Ok(Some(native.checksum))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// `flotilla run --nodes N`: the guest across N node processes.
+fn run_cluster(args: &RunArgs, plan: &Plan, nodes: u16) -> Result<i32> {
+    if nodes == 0 || nodes as usize > flotilla_transport::MAX_NODES {
+        bail!(
+            "--nodes {nodes}: a cluster has 1 to {}",
+            flotilla_transport::MAX_NODES
+        );
+    }
+    let launch = Launch {
+        nodes,
+        transport: args.transport.clone(),
+        policy: args.policy.clone(),
+        seed: args.seed,
+        vcpus: plan.config.vcpus,
+        mem: plan.config.mem_bytes,
+        args: args.args.clone(),
+        workload: plan.workload.map(|w| w.name().to_string()),
+        image: args.image.clone(),
+        vcpu_nodes: (!args.vcpu_nodes.is_empty()).then(|| args.vcpu_nodes.clone()),
+        ram: args.ram.clone(),
+        timeout: plan.config.timeout,
+        echo_rounds: 0,
+    };
+    let hex = |v: Option<u64>| v.map(|v| format!("{v:#018x}"));
+    let base = json!({
+        "workload": plan.name, "vcpus": plan.config.vcpus, "nodes": nodes,
+        "policy": args.policy, "transport": args.transport,
+        "mem_bytes": plan.config.mem_bytes, "args": plan.config.args,
+    });
+    let reported = match launch_cluster(&launch)? {
+        Ok(r) => r,
+        Err(e) => {
+            if args.json {
+                let mut obj = base;
+                obj["exit_code"] = Value::Null;
+                obj["checksum"] = Value::Null;
+                obj["verified"] = json!(false);
+                obj["error"] = json!(e);
+                println!("{obj}");
+            } else {
+                eprintln!("flotilla: guest failed: {e}");
+            }
+            return Ok(2);
+        }
+    };
+    let reference = reference(plan, args)?;
+    let verified = reference.map(|r| reported.exit_code == 0 && reported.report == Some(r));
+    let t = &reported.totals;
+    if args.json {
+        let mut obj = base;
+        for (k, v) in [
+            ("exit_code", json!(reported.exit_code)),
+            ("checksum", json!(hex(reported.report))),
+            ("reference_checksum", json!(hex(reference))),
+            ("verified", json!(verified)),
+            (
+                "wall_ms",
+                json!((reported.wall_ms * 1000.0).round() / 1000.0),
+            ),
+            ("exits", t["exits"].clone()),
+            ("remote_faults", t["remote_faults"].clone()),
+            ("page_moves", t["page_moves"].clone()),
+            ("replicas_made", t["replicas_made"].clone()),
+            ("invalidations", t["invalidations"].clone()),
+            ("vcpu_moves", t["vcpu_moves"].clone()),
+            ("bytes_sent", t["bytes_sent"].clone()),
+            (
+                "fault_service_us",
+                percentiles(&reported.samples, "fault_service_us"),
+            ),
+            (
+                "vcpu_move_us",
+                percentiles(&reported.samples, "vcpu_move_us"),
+            ),
+            ("console", json!(reported.console)),
+        ] {
+            obj[k] = v;
+        }
+        println!("{obj}");
+    } else {
+        print!("{}", reported.console);
+        let check = match verified {
+            Some(true) => "verified against the host reference".to_string(),
+            Some(false) => format!(
+                "MISMATCH: host reference is {}",
+                hex(reference).unwrap_or_default()
+            ),
+            None => "not verified".to_string(),
+        };
+        println!(
+            "{}: {} vCPUs on {nodes} nodes ({}, {}), exit code {}, checksum {} ({check}), {:.1} ms",
+            plan.name,
+            plan.config.vcpus,
+            args.transport,
+            args.policy,
+            reported.exit_code,
+            hex(reported.report).unwrap_or_else(|| "none".into()),
+            reported.wall_ms,
+        );
+        println!(
+            "  remote faults {}, page moves {} ({} replicas), invalidations {}, vCPU moves {}, {} bytes sent",
+            t["remote_faults"], t["page_moves"], t["replicas_made"], t["invalidations"], t["vcpu_moves"], t["bytes_sent"]
+        );
+    }
+    Ok(if reported.exit_code == 0 && verified != Some(false) {
         0
     } else {
         1

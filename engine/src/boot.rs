@@ -173,9 +173,15 @@ pub fn check_args(args: &str) -> Result<(), BootError> {
 
 /// Identity map of `[0, ram_bytes)` with 2 MiB pages: PML4 → one PDPT → one PD per GiB.
 fn write_page_tables(memory: &GuestMemory, ram_bytes: u64) -> Result<(), MemoryError> {
-    let table =
-        PageTableFlags::PRESENT | PageTableFlags::WRITABLE | PageTableFlags::USER_ACCESSIBLE;
-    let huge = table | PageTableFlags::HUGE_PAGE;
+    // Accessed and dirty are preset so walks never write the tables. The engine's own
+    // first 2 MiB (GDT, boot info, page tables) is read-only to the guest: every node of
+    // a cluster keeps a private copy of it, outside page coherence.
+    let table = PageTableFlags::PRESENT
+        | PageTableFlags::WRITABLE
+        | PageTableFlags::USER_ACCESSIBLE
+        | PageTableFlags::ACCESSED;
+    let huge = table | PageTableFlags::HUGE_PAGE | PageTableFlags::DIRTY;
+    let engine_area = huge - PageTableFlags::WRITABLE - PageTableFlags::DIRTY;
     let pml4 = PAGE_TABLES_ADDR;
     let pdpt = pml4 + PAGE_SIZE;
     let pds = pdpt + PAGE_SIZE;
@@ -189,7 +195,12 @@ fn write_page_tables(memory: &GuestMemory, ram_bytes: u64) -> Result<(), MemoryE
             if addr >= ram_bytes {
                 break;
             }
-            memory.write_obj(pd + 8 * e, &(addr | huge.bits()))?;
+            let flags = if addr < IMAGE_MIN_ADDR {
+                engine_area
+            } else {
+                huge
+            };
+            memory.write_obj(pd + 8 * e, &(addr | flags.bits()))?;
         }
     }
     Ok(())

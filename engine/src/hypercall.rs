@@ -3,7 +3,7 @@
 //! a parameter block in `eax`. Decoding reads and validates the block and every pointer
 //! in it against guest RAM; executing the call is the machine's job.
 
-use crate::memory::{GuestMemory, MemoryError, Pod};
+use crate::memory::{GuestRead, MemoryError, Pod};
 use flotilla_abi::{hypercall as nr, *};
 
 /// Longest console write accepted in one call; longer writes get `-EINVAL`.
@@ -82,36 +82,36 @@ pub fn number(port: u16) -> Option<u16> {
         .filter(|&n| n < nr::COUNT)
 }
 
-fn block<T: Pod>(memory: &GuestMemory, call: u16, addr: u64) -> Result<T, HypercallError> {
+fn block<T: Pod, M: GuestRead>(memory: &M, call: u16, addr: u64) -> Result<T, HypercallError> {
     memory
-        .read_obj(addr)
+        .read_pod(addr)
         .map_err(|e: MemoryError| HypercallError::Block {
             name: name(call),
             reason: e.to_string(),
         })
 }
 
-fn pointer(
-    memory: &GuestMemory,
+fn pointer<M: GuestRead>(
+    memory: &M,
     call: u16,
     what: &'static str,
     addr: u64,
     len: u64,
 ) -> Result<(), HypercallError> {
     memory
-        .check_range(addr, len)
+        .check(addr, len)
         .map_err(|_| HypercallError::Pointer {
             name: name(call),
             what,
             addr,
             len,
-            ram: memory.size(),
+            ram: memory.ram_bytes(),
         })
 }
 
 /// Decodes an `out` of `value` to `port`.
-pub fn decode_out(
-    memory: &GuestMemory,
+pub fn decode_out<M: GuestRead>(
+    memory: &M,
     port: u16,
     value: u32,
 ) -> Result<Hypercall, HypercallError> {
@@ -160,7 +160,7 @@ pub fn decode_out(
             }
         }
         nr::YIELD => Hypercall::Yield,
-        nr::REPORT => Hypercall::Report(block::<ReportArgs>(memory, call, addr)?.value),
+        nr::REPORT => Hypercall::Report(block::<ReportArgs, M>(memory, call, addr)?.value),
         _ => return Err(HypercallError::UnknownPort { port, dir: "out" }),
     })
 }
@@ -179,6 +179,7 @@ pub mod result_offset {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::memory::GuestMemory;
 
     #[test]
     fn pointers_outside_ram_are_rejected() {

@@ -8,6 +8,7 @@
 //! another VM, which is what lets later layers move vCPUs between nodes.
 
 pub mod boot;
+pub mod cluster;
 pub mod futex;
 pub mod hypercall;
 pub mod kvm;

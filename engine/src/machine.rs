@@ -409,7 +409,7 @@ impl Shared {
         let unhandled = match exit {
             Exit::IoOut { port, data } => {
                 let value = le_value(data);
-                let call = hypercall::decode_out(&self.memory, port, value);
+                let call = hypercall::decode_out(&*self.memory, port, value);
                 return match call {
                     Ok(call) => self.hypercall(id, call),
                     Err(source) => Err(Error::BadHypercall {
@@ -452,6 +452,9 @@ impl Shared {
                 self.memory.size()
             ),
             Exit::MemoryFault { addr, len } => format!("memory fault at {addr:#x} (+{len:#x})"),
+            Exit::WriteFault => {
+                "KVM_RUN failed with EFAULT (a write KVM could not map)".to_string()
+            }
             Exit::InternalError { suberror } => format!("KVM internal error (suberror {suberror})"),
             Exit::FailEntry { reason } => format!("VM entry failed (reason {reason:#x})"),
             Exit::Other(what) => what,

@@ -21,6 +21,8 @@ pub enum MemoryError {
     OutOfRange { addr: u64, len: u64, size: u64 },
     #[error("guest address {addr:#x} is not {align}-byte aligned")]
     Misaligned { addr: u64, align: u64 },
+    #[error("guest page {page:#x} could not be fetched: {reason}")]
+    Unavailable { page: u64, reason: String },
 }
 
 /// Plain data that may be copied to and from guest RAM byte for byte.
@@ -43,6 +45,49 @@ unsafe impl Pod for flotilla_abi::FutexWakeArgs {}
 unsafe impl Pod for flotilla_abi::ReportArgs {}
 // SAFETY: integers.
 unsafe impl Pod for u64 {}
+// SAFETY: integers.
+unsafe impl Pod for u32 {}
+
+/// Read access to guest RAM by address: plain [`GuestMemory`] on a single node, or a
+/// coherent view that fetches pages from other nodes first.
+pub trait GuestRead {
+    /// Size of guest RAM in bytes.
+    fn ram_bytes(&self) -> u64;
+    /// Copies `buf.len()` bytes from guest RAM at `addr`.
+    fn read_bytes(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError>;
+
+    /// Reads a plain-data value at `addr`.
+    fn read_pod<T: Pod>(&self, addr: u64) -> Result<T, MemoryError>
+    where
+        Self: Sized,
+    {
+        let mut bytes = vec![0u8; std::mem::size_of::<T>()];
+        self.read_bytes(addr, &mut bytes)?;
+        // SAFETY: T is Pod: every bit pattern of its size is a valid value.
+        Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const T) })
+    }
+
+    /// Checks that `[addr, addr + len)` lies in guest RAM.
+    fn check(&self, addr: u64, len: u64) -> Result<(), MemoryError> {
+        match addr.checked_add(len) {
+            Some(end) if end <= self.ram_bytes() => Ok(()),
+            _ => Err(MemoryError::OutOfRange {
+                addr,
+                len,
+                size: self.ram_bytes(),
+            }),
+        }
+    }
+}
+
+impl GuestRead for GuestMemory {
+    fn ram_bytes(&self) -> u64 {
+        self.size
+    }
+    fn read_bytes(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.read(addr, buf)
+    }
+}
 
 /// Guest RAM of one engine.
 #[derive(Debug)]
@@ -89,6 +134,19 @@ impl GuestMemory {
             host: NonNull::new(host as *mut u8).ok_or(MemoryError::BadSize(size))?,
             size,
         })
+    }
+
+    /// Asks the host for 4 KiB pages only. Distributed guest RAM moves 4 KiB pages with
+    /// userfaultfd, which huge pages would only make split again.
+    pub fn disable_huge_pages(&self) {
+        // SAFETY: advising our own mapping; a host without THP ignores it.
+        unsafe {
+            libc::madvise(
+                self.host.as_ptr() as *mut libc::c_void,
+                self.size as usize,
+                libc::MADV_NOHUGEPAGE,
+            )
+        };
     }
 
     /// Size of guest RAM in bytes.

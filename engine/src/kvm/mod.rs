@@ -11,7 +11,7 @@ mod state;
 mod vcpu;
 
 pub use state::{StateError, VcpuState};
-pub use vcpu::{Exit, Vcpu};
+pub use vcpu::{Exit, Flushed, Vcpu};
 
 use crate::memory::GuestMemory;
 use kvm_bindings::{kvm_userspace_memory_region, CpuId, KVM_MAX_CPUID_ENTRIES};

@@ -35,6 +35,10 @@ pub enum Exit<'a> {
     MemoryFault { addr: u64, len: u64 },
     /// The run was interrupted by a kick (or `immediate_exit`).
     Interrupted,
+    /// `KVM_RUN` failed with `EFAULT` and no address: on PVM hosts, a plain write (or
+    /// an SSE read) of a page userfaultfd reports missing (SIGBUS mode) ends this way,
+    /// with RIP still at the instruction.
+    WriteFault,
     /// Triple fault.
     Shutdown,
     /// `hlt` reported to user space (not with the in-kernel LAPIC the engine creates).
@@ -44,6 +48,22 @@ pub enum Exit<'a> {
     /// VM entry failed.
     FailEntry { reason: u64 },
     /// Anything else, with KVM's name for it.
+    Other(String),
+}
+
+/// How a [`Vcpu::flush`] ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Flushed {
+    /// The pending instruction completed.
+    Done,
+    /// The instruction needs another MMIO access (a second fragment or page).
+    Mmio {
+        addr: u64,
+        write: bool,
+        len: usize,
+    },
+    /// KVM could not finish emulating it (a locked RMW on a page that is not here).
+    EmulationFailed,
     Other(String),
 }
 
@@ -215,12 +235,18 @@ impl Vcpu {
                 unsafe { std::ptr::write_volatile(&mut (*run).immediate_exit, 0) };
                 Ok(Exit::Interrupted)
             }
+            Err(e) if e.errno() == libc::EFAULT => Ok(Exit::WriteFault),
             Err(source) => Err(KvmError::Vcpu {
                 vcpu: id,
                 op: "KVM_RUN",
                 source,
             }),
         }
+    }
+
+    /// The general-purpose registers.
+    pub fn regs(&self) -> Result<kvm_regs, KvmError> {
+        self.fd.get_regs().map_err(self.err("KVM_GET_REGS"))
     }
 
     /// Completes any pending I/O so the captured state is consistent: KVM finishes an
@@ -240,6 +266,53 @@ impl Vcpu {
         };
         self.fd.set_kvm_immediate_exit(0);
         outcome
+    }
+
+    /// The data of the MMIO exit the vCPU stopped at: for a read, fill it before running
+    /// again (KVM hands it to the instruction); for a write, it holds what the
+    /// instruction stores. `None` if the last exit was not MMIO.
+    pub fn mmio_data(&mut self) -> Option<&mut [u8]> {
+        let run: *mut kvm_run = self.fd.get_kvm_run();
+        // SAFETY: the kvm_run mapping is live for `self`; `mmio` is the active member when
+        // the exit reason is KVM_EXIT_MMIO, and its `len` is at most 8 (KVM's fragment).
+        unsafe {
+            if (*run).exit_reason != kvm_bindings::KVM_EXIT_MMIO {
+                return None;
+            }
+            let mmio = &mut (*run).__bindgen_anon_1.mmio;
+            let len = (mmio.len as usize).min(mmio.data.len());
+            Some(&mut mmio.data[..len])
+        }
+    }
+
+    /// Enters `KVM_RUN` with `immediate_exit` set: KVM completes the pending MMIO (or
+    /// I/O) instruction and returns before running any further guest code. See
+    /// ../shared/notes/host-kvm.md: a locked read-modify-write whose page is not here
+    /// ends in an emulation failure, which leaves the vCPU usable.
+    pub fn flush(&mut self) -> Result<Flushed, KvmError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(Flushed::Done),
+            Ok(VcpuExit::MmioRead(addr, data)) => Ok(Flushed::Mmio {
+                addr,
+                write: false,
+                len: data.len(),
+            }),
+            Ok(VcpuExit::MmioWrite(addr, data)) => Ok(Flushed::Mmio {
+                addr,
+                write: true,
+                len: data.len(),
+            }),
+            Ok(VcpuExit::InternalError) => Ok(Flushed::EmulationFailed),
+            Ok(other) => Ok(Flushed::Other(format!("{other:?}"))),
+            Err(source) => Err(KvmError::Vcpu {
+                vcpu: self.id,
+                op: "KVM_RUN (flush)",
+                source,
+            }),
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        result
     }
 
     /// The guest's instruction pointer (for diagnostics).

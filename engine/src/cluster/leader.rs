@@ -1,0 +1,354 @@
+//! Node 0's part of a run: it gathers what makes the outcome (console output, the
+//! reported value, returned vCPUs, EXIT, the first error from any node), keeps the
+//! cluster's one futex table, and at the end collects every node's counters.
+//!
+//! The futex table lives on one thread. FUTEX_WAIT reads the guest's futex word
+//! coherently on that thread before queueing the waiter, and wakes are handled in arrival
+//! order on the same thread, so a wake that follows the guest's store to the word can
+//! never be lost between the check and the sleep (the guest's store is ordered before its
+//! wake message, and the coherent read sees every store before it).
+
+use super::node::{CoherentView, Node, Slot, POLL};
+use super::{ClusterOutcome, NodeError, NodeId};
+use crate::machine::CONSOLE_MAX_BYTES;
+use crate::memory::GuestRead;
+use flotilla_abi::errno;
+use flotilla_transport::{Message, NodeStats, Samples};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+enum FutexOp {
+    Wait {
+        from: NodeId,
+        vcpu: u32,
+        addr: u64,
+        expected: u32,
+        timeout_ns: u64,
+    },
+    Wake {
+        from: NodeId,
+        vcpu: u32,
+        addr: u64,
+        count: u32,
+    },
+    /// A vCPU returned: maybe every other one is asleep for good.
+    Recheck,
+}
+
+struct Waiter {
+    vcpu: u32,
+    node: NodeId,
+    addr: u64,
+    deadline: Option<Instant>,
+}
+
+#[derive(Default)]
+struct State {
+    result: Option<Result<i32, String>>,
+    ended: Option<Instant>,
+    returned: Vec<Option<i32>>,
+    report: Option<u64>,
+    console: Vec<u8>,
+    console_truncated: bool,
+    stats: Vec<Option<(NodeStats, Samples)>>,
+}
+
+pub(super) struct Leader {
+    state: Mutex<State>,
+    changed: Condvar,
+    futex: Mutex<Option<mpsc::Sender<FutexOp>>>,
+}
+
+impl Leader {
+    pub fn new(vcpus: u32, nodes: u16) -> Self {
+        Leader {
+            state: Mutex::new(State {
+                returned: vec![None; vcpus as usize],
+                stats: vec![None; nodes as usize],
+                ..Default::default()
+            }),
+            changed: Condvar::new(),
+            futex: Mutex::new(None),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends the run with `result` unless it already ended.
+    pub fn finish(&self, result: Result<i32, String>) {
+        let mut s = self.state();
+        if s.result.is_none() {
+            if let Err(e) = &result {
+                tracing::debug!(error = %e, "run ends with an error");
+            }
+            s.result = Some(result);
+            s.ended = Some(Instant::now());
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    pub fn ended(&self) -> bool {
+        self.state().result.is_some()
+    }
+
+    fn futex_op(&self, op: FutexOp) {
+        if let Some(tx) = &*self.futex.lock().unwrap_or_else(|p| p.into_inner()) {
+            let _ = tx.send(op);
+        }
+    }
+
+    pub fn handle(&self, node: &Node, from: NodeId, msg: Message) -> Result<(), String> {
+        let _ = node;
+        match msg {
+            Message::Console { bytes, .. } => {
+                let mut s = self.state();
+                let room = CONSOLE_MAX_BYTES.saturating_sub(s.console.len());
+                let n = bytes.len().min(room);
+                s.console.extend_from_slice(&bytes[..n]);
+                s.console_truncated |= n < bytes.len();
+            }
+            Message::Report { value } => self.state().report = Some(value),
+            Message::VcpuReturned { vcpu, code } => {
+                let mut s = self.state();
+                let slot = s.returned.get_mut(vcpu as usize).ok_or_else(|| {
+                    format!("node {from}: vCPU {vcpu} returned; there is no such vCPU")
+                })?;
+                *slot = Some(code);
+                if s.returned.iter().all(Option::is_some) {
+                    let code = s.returned[0].unwrap_or(code);
+                    drop(s);
+                    self.finish(Ok(code));
+                } else {
+                    drop(s);
+                    self.futex_op(FutexOp::Recheck);
+                }
+            }
+            Message::Exit { code } => self.finish(Ok(code)),
+            Message::Fatal { text } => self.finish(Err(text)),
+            Message::Stats { stats, samples } => self.record_stats(from, stats, samples),
+            Message::FutexWait {
+                vcpu,
+                addr,
+                expected,
+                timeout_ns,
+            } => self.futex_op(FutexOp::Wait {
+                from,
+                vcpu,
+                addr,
+                expected,
+                timeout_ns,
+            }),
+            Message::FutexWake { vcpu, addr, count } => self.futex_op(FutexOp::Wake {
+                from,
+                vcpu,
+                addr,
+                count,
+            }),
+            other => {
+                return Err(format!(
+                    "node {from}: unexpected {} at node 0",
+                    other.name()
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the end of the run (or the timeout, which ends it).
+    pub fn wait_end(&self, timeout: Option<Duration>, started: Instant) -> Result<i32, String> {
+        let mut s = self.state();
+        loop {
+            if let Some(r) = &s.result {
+                return r.clone();
+            }
+            match timeout {
+                Some(limit) if started.elapsed() >= limit => {
+                    drop(s);
+                    self.finish(Err(format!("the guest did not finish within {limit:?}")));
+                    s = self.state();
+                }
+                _ => {
+                    s = self
+                        .changed
+                        .wait_timeout(s, POLL)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            }
+        }
+    }
+
+    pub fn record_stats(&self, from: NodeId, stats: NodeStats, samples: Samples) {
+        let mut s = self.state();
+        if let Some(slot) = s.stats.get_mut(from as usize) {
+            *slot = Some((stats, samples));
+        }
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// Waits until every node sent its stats, at most `limit`.
+    pub fn wait_stats(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut s = self.state();
+        while s.stats.iter().any(Option::is_none) && Instant::now() < deadline {
+            s = self
+                .changed
+                .wait_timeout(s, POLL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    pub fn wall(&self, started: Instant) -> Duration {
+        self.state().ended.unwrap_or_else(Instant::now) - started
+    }
+
+    pub fn outcome(
+        &self,
+        result: Result<i32, String>,
+        wall: Duration,
+    ) -> Result<ClusterOutcome, String> {
+        let exit_code = result?;
+        let mut s = self.state();
+        let mut totals = NodeStats::default();
+        let mut samples = Samples::default();
+        let mut per_node = Vec::new();
+        for (node, entry) in s.stats.iter().enumerate() {
+            let Some((st, sm)) = entry else {
+                tracing::warn!(node, "no counters from node");
+                per_node.push(NodeStats::default());
+                continue;
+            };
+            totals.remote_faults += st.remote_faults;
+            totals.page_moves += st.page_moves;
+            totals.replicas_made += st.replicas_made;
+            totals.invalidations += st.invalidations;
+            totals.vcpu_moves += st.vcpu_moves;
+            totals.bytes_sent += st.bytes_sent;
+            totals.exits += st.exits;
+            samples.extend(sm);
+            per_node.push(*st);
+        }
+        Ok(ClusterOutcome {
+            exit_code,
+            report: s.report,
+            console: std::mem::take(&mut s.console),
+            console_truncated: s.console_truncated,
+            wall,
+            totals,
+            per_node,
+            samples,
+        })
+    }
+
+    pub fn start_futex_thread(
+        &self,
+        node: Arc<Node>,
+    ) -> Result<std::thread::JoinHandle<()>, NodeError> {
+        let (tx, rx) = mpsc::channel();
+        *self.futex.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        std::thread::Builder::new()
+            .name("futex".into())
+            .spawn(move || futex_loop(&node, rx))
+            .map_err(|e| NodeError::Run(format!("node 0: cannot start the futex thread: {e}")))
+    }
+
+    fn returned(&self) -> u32 {
+        self.state().returned.iter().filter(|r| r.is_some()).count() as u32
+    }
+}
+
+fn futex_loop(node: &Node, rx: mpsc::Receiver<FutexOp>) {
+    let Some(leader) = &node.leader else { return };
+    let slot = Arc::new(Slot::default());
+    let view = CoherentView { node, slot: &slot };
+    let mut waiters: Vec<Waiter> = Vec::new();
+    let reply = |to: NodeId, vcpu: u32, result: i32| {
+        node.send(to, Message::FutexResult { vcpu, result });
+    };
+    loop {
+        if node.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
+        let now = Instant::now();
+        // Expire timed waits.
+        waiters.retain(|w| match w.deadline {
+            Some(d) if d <= now => {
+                reply(w.node, w.vcpu, -errno::ETIMEDOUT);
+                false
+            }
+            _ => true,
+        });
+        let wait = waiters
+            .iter()
+            .filter_map(|w| w.deadline)
+            .min()
+            .map_or(POLL, |d| d.saturating_duration_since(now).min(POLL));
+        let op = match rx.recv_timeout(wait) {
+            Ok(op) => op,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        match op {
+            FutexOp::Wait {
+                from,
+                vcpu,
+                addr,
+                expected,
+                timeout_ns,
+            } => {
+                let word = if addr % 4 == 0 {
+                    view.read_pod::<u32>(addr)
+                } else {
+                    Err(crate::memory::MemoryError::Misaligned { addr, align: 4 })
+                };
+                match word {
+                    Err(_) => reply(from, vcpu, -errno::EINVAL),
+                    Ok(w) if w != expected => reply(from, vcpu, -errno::EAGAIN),
+                    Ok(_) => {
+                        let deadline = (timeout_ns > 0)
+                            .then(|| Instant::now() + Duration::from_nanos(timeout_ns));
+                        waiters.push(Waiter {
+                            vcpu,
+                            node: from,
+                            addr,
+                            deadline,
+                        });
+                    }
+                }
+            }
+            FutexOp::Wake {
+                from,
+                vcpu,
+                addr,
+                count,
+            } => {
+                let mut woken = 0u32;
+                waiters.retain(|w| {
+                    if woken < count && w.addr == addr {
+                        reply(w.node, w.vcpu, 0);
+                        woken += 1;
+                        false
+                    } else {
+                        true
+                    }
+                });
+                reply(from, vcpu, woken.min(i32::MAX as u32) as i32);
+            }
+            FutexOp::Recheck => {}
+        }
+        let forever = waiters.iter().filter(|w| w.deadline.is_none()).count() as u32;
+        if forever > 0 && forever + leader.returned() == node.vcpus {
+            let last = waiters.last().map_or((0, 0), |w| (w.vcpu, w.addr));
+            leader.finish(Err(format!(
+                "deadlock: every running vCPU waits in futex_wait with no timeout (last: vCPU {} on {:#x})",
+                last.0, last.1
+            )));
+        }
+    }
+}

@@ -1,0 +1,158 @@
+//! One guest across several node processes. Every node runs this engine over its own KVM
+//! VM and its own copy of guest RAM; page coherence makes the copies one memory
+//! (docs/protocol.md), and vCPUs move between nodes with their full state.
+//!
+//! - [`directory`]: the home directory state machine, pure and property-tested.
+//! - [`uffd`]: userfaultfd in SIGBUS mode, the fault trap on this host.
+//! - `node`: a node's runtime: boot, the page table of this node's copies, the
+//!   message handler, coherent host access to guest RAM.
+//! - `vcpu`: the vCPU threads: faults (page or vCPU move, as the policy decides) and
+//!   hypercalls.
+//! - `leader`: node 0's part: the run's outcome, the futex table, the end of the run.
+
+mod decode;
+pub mod directory;
+mod leader;
+mod node;
+pub mod uffd;
+mod vcpu;
+
+use crate::boot::BootError;
+use crate::kvm::KvmError;
+use crate::loader::LoadError;
+use crate::memory::MemoryError;
+use flotilla_transport::{Kind, MeshConfig, NodeStats, Samples, TransportError};
+use std::time::Duration;
+
+pub use flotilla_transport::NodeId;
+pub use node::run_node;
+
+/// How guest RAM is spread over the nodes at boot (vCPU stacks always start on their
+/// vCPU's node; the image is replicated read-only everywhere).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamPlacement {
+    /// Equal contiguous ranges: node 0 the lowest.
+    Contiguous,
+    /// Page `p` on node `p % nodes`.
+    Interleave,
+}
+
+impl RamPlacement {
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "contiguous" => Some(RamPlacement::Contiguous),
+            "interleave" => Some(RamPlacement::Interleave),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            RamPlacement::Contiguous => "contiguous",
+            RamPlacement::Interleave => "interleave",
+        }
+    }
+}
+
+/// What every node of a cluster must agree on (its digest is checked at connection).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSpec {
+    pub nodes: u16,
+    pub vcpus: u32,
+    pub mem_bytes: u64,
+    pub args: String,
+    pub stack_bytes: u64,
+    pub policy: String,
+    pub seed: u64,
+    /// Initial node of each vCPU.
+    pub vcpu_nodes: Vec<NodeId>,
+    pub ram: RamPlacement,
+}
+
+impl ClusterSpec {
+    /// vCPUs spread round-robin.
+    pub fn round_robin(nodes: u16, vcpus: u32) -> Vec<NodeId> {
+        (0..vcpus).map(|v| (v % nodes as u32) as NodeId).collect()
+    }
+
+    /// Bytes every node must agree on, for the configuration digest.
+    pub fn canonical(&self, image: &[u8]) -> Vec<u8> {
+        let mut out = format!(
+            "nodes={} vcpus={} mem={} stack={} policy={} seed={} ram={} vcpu_nodes={:?} args={:?} image=",
+            self.nodes,
+            self.vcpus,
+            self.mem_bytes,
+            self.stack_bytes,
+            self.policy,
+            self.seed,
+            self.ram.name(),
+            self.vcpu_nodes,
+            self.args
+        )
+        .into_bytes();
+        out.extend_from_slice(&flotilla_transport::auth::digest(image));
+        out
+    }
+}
+
+/// Everything one node needs to run its part.
+pub struct NodeSetup {
+    pub me: NodeId,
+    pub spec: ClusterSpec,
+    pub image: Vec<u8>,
+    pub transport: Kind,
+    pub mesh: MeshConfig,
+    /// Node 0 ends the run with an error after this long.
+    pub timeout: Option<Duration>,
+    /// Bare 4 KiB round trips node 1 measures with node 0 before the guest starts.
+    pub echo_rounds: u32,
+    /// CLOCK_MONOTONIC nanoseconds at which the guest clock reads 0 (nodes on one host
+    /// share it); `None`: this node's start.
+    pub epoch_ns: Option<u64>,
+}
+
+/// The end of a cluster run, as node 0 reports it.
+#[derive(Debug, Clone)]
+pub struct ClusterOutcome {
+    pub exit_code: i32,
+    pub report: Option<u64>,
+    pub console: Vec<u8>,
+    pub console_truncated: bool,
+    pub wall: Duration,
+    /// Counters summed over nodes.
+    pub totals: NodeStats,
+    pub per_node: Vec<NodeStats>,
+    pub samples: Samples,
+}
+
+/// Why a node could not take part, or why the run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    #[error("guest image: {0}")]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error("guest memory: {0}")]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Uffd(#[from] uffd::UffdError),
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The guest or the cluster failed; the text names the node and vCPU.
+    #[error("{0}")]
+    Run(String),
+}
+
+/// The `q`-quantile of `samples` (sorted in place), or 0 if empty.
+pub fn quantile(samples: &mut [u32], q: f64) -> u32 {
+    if samples.is_empty() {
+        return 0;
+    }
+    samples.sort_unstable();
+    let i = ((samples.len() - 1) as f64 * q).round() as usize;
+    samples[i.min(samples.len() - 1)]
+}

@@ -1,0 +1,1126 @@
+//! A node's runtime. Boot builds the same guest RAM image on every node, then keeps
+//! only the pages this node starts with (the rest are dropped and become missing). From
+//! then on a page of this node's copy is in one of three [`PageState`]s, changed only
+//! under the page's lock: `Invalid` (missing: any access traps), `Shared` (a
+//! write-protected replica: writes trap) or `Owned` (the one writable copy).
+//!
+//! Messages arrive on transport threads ([`Node::handle`]); vCPU threads and node 0's
+//! futex thread wait for pages in [`Node::acquire`]. Nothing holds a page lock while
+//! sending, and the directory lock is never held together with a page lock.
+
+use super::directory::{Outgoing, PageDirectory};
+use super::leader::Leader;
+use super::uffd::{Userfault, PAGE};
+use super::vcpu;
+use super::{ClusterOutcome, ClusterSpec, NodeError, NodeId, NodeSetup, RamPlacement};
+use crate::boot::{check_args, check_machine, BootLayout};
+use crate::kvm::Hypervisor;
+use crate::loader::Image;
+use crate::memory::{GuestMemory, GuestRead, MemoryError};
+use flotilla_abi::IMAGE_MIN_ADDR;
+use flotilla_placement::Policy;
+use flotilla_transport::{
+    wire::MAX_SAMPLES, Handler, Message, NodeStats, Samples, Transport, TransportError, Want,
+};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+const STRIPES: usize = 1024;
+const STATE_MASK: u8 = 3;
+const POPULATED: u8 = 4;
+const ZERO_PAGE: [u8; PAGE as usize] = [0; PAGE as usize];
+/// How often waiting threads look at the stop flag.
+pub(super) const POLL: Duration = Duration::from_millis(100);
+
+/// This node's copy of one page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageState {
+    Invalid = 0,
+    Shared = 1,
+    Owned = 2,
+}
+
+impl PageState {
+    fn from_bits(b: u8) -> Self {
+        match b & STATE_MASK {
+            1 => PageState::Shared,
+            2 => PageState::Owned,
+            _ => PageState::Invalid,
+        }
+    }
+
+    pub fn allows(self, want: Want) -> bool {
+        matches!(
+            (self, want),
+            (PageState::Owned, _) | (PageState::Shared, Want::Read)
+        )
+    }
+}
+
+/// What a vCPU that is not running here is waiting for.
+pub(super) struct Arrival {
+    pub page: u64,
+    pub fault_ns: u64,
+    pub clock_ns: u64,
+    pub state: Vec<u8>,
+}
+
+#[derive(Default)]
+pub(super) struct Inbox {
+    woken: bool,
+    arrival: Option<Arrival>,
+    futex: Option<i32>,
+}
+
+/// Where one thread waits: for a page, a futex result, or (vCPUs) its own arrival.
+#[derive(Default)]
+pub(super) struct Slot {
+    inbox: Mutex<Inbox>,
+    cond: Condvar,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, Inbox> {
+        self.inbox.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Inbox)) {
+        f(&mut self.lock());
+        self.cond.notify_all();
+    }
+
+    pub fn wake(&self) {
+        self.update(|i| i.woken = true);
+    }
+
+    /// Waits until `take` returns something, or the run stops (`None`).
+    pub fn wait<T>(
+        &self,
+        stop: &AtomicBool,
+        mut take: impl FnMut(&mut Inbox) -> Option<T>,
+    ) -> Option<T> {
+        let mut inbox = self.lock();
+        loop {
+            if let Some(v) = take(&mut inbox) {
+                return Some(v);
+            }
+            if stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            inbox = self
+                .cond
+                .wait_timeout(inbox, POLL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    pub fn wait_woken(&self, stop: &AtomicBool) -> Option<()> {
+        self.wait(stop, |i| std::mem::take(&mut i.woken).then_some(()))
+    }
+
+    pub fn wait_futex(&self, stop: &AtomicBool) -> Option<i32> {
+        self.wait(stop, |i| i.futex.take())
+    }
+
+    pub fn wait_arrival(&self, stop: &AtomicBool) -> Option<Arrival> {
+        self.wait(stop, |i| i.arrival.take())
+    }
+}
+
+#[derive(Default)]
+struct Waiting {
+    in_flight: Option<Want>,
+    slots: Vec<Arc<Slot>>,
+}
+
+/// Where pages start: every node computes the same answer.
+#[derive(Debug, Clone)]
+pub(super) struct Placement {
+    nodes: u16,
+    ram: RamPlacement,
+    first: u64,
+    count: u64,
+    stacks: std::ops::Range<u64>,
+    stack_pages: u64,
+    vcpu_nodes: Vec<NodeId>,
+    pub image: std::ops::Range<u64>,
+}
+
+impl Placement {
+    pub fn home(&self, page: u64) -> NodeId {
+        if self.stacks.contains(&page) {
+            let v = ((page - self.stacks.start) / self.stack_pages) as usize;
+            return self.vcpu_nodes[v];
+        }
+        let i = page - self.first;
+        match self.ram {
+            RamPlacement::Contiguous => (i * self.nodes as u64 / self.count) as NodeId,
+            RamPlacement::Interleave => (page % self.nodes as u64) as NodeId,
+        }
+    }
+}
+
+#[derive(Default)]
+pub(super) struct Counters {
+    pub remote_faults: AtomicU64,
+    pub page_moves: AtomicU64,
+    pub replicas_made: AtomicU64,
+    pub invalidations: AtomicU64,
+    pub vcpu_moves: AtomicU64,
+    pub exits: AtomicU64,
+}
+
+/// Latency samples, at most [`MAX_SAMPLES`] of each kind (then a reservoir).
+#[derive(Default)]
+pub(super) struct SampleSet {
+    pub samples: Samples,
+    seen: [u64; 6],
+}
+
+#[derive(Clone, Copy)]
+pub(super) enum Sample {
+    FaultService = 0,
+    VcpuMove = 1,
+    Install = 2,
+    Capture = 3,
+    Restore = 4,
+    Rtt = 5,
+}
+
+impl SampleSet {
+    pub fn push(&mut self, kind: Sample, d: Duration) {
+        let us = d.as_micros().min(u32::MAX as u128) as u32;
+        let s = &mut self.samples;
+        let list = match kind {
+            Sample::FaultService => &mut s.fault_service_us,
+            Sample::VcpuMove => &mut s.vcpu_move_us,
+            Sample::Install => &mut s.install_us,
+            Sample::Capture => &mut s.capture_us,
+            Sample::Restore => &mut s.restore_us,
+            Sample::Rtt => &mut s.rtt_4k_us,
+        };
+        let seen = &mut self.seen[kind as usize];
+        *seen += 1;
+        if list.len() < MAX_SAMPLES {
+            list.push(us);
+        } else {
+            let j = (seen.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % *seen;
+            if (j as usize) < MAX_SAMPLES {
+                list[j as usize] = us;
+            }
+        }
+    }
+}
+
+/// The main thread's view of the run.
+#[derive(Default)]
+struct Control {
+    stop_received: bool,
+    bye: bool,
+    failure: Option<String>,
+}
+
+/// A page held for use: its lock, and the home to tell once done.
+pub(super) struct Held<'a> {
+    _guard: MutexGuard<'a, ()>,
+    done_to: Option<NodeId>,
+}
+
+/// One node of the cluster.
+pub(super) struct Node {
+    pub me: NodeId,
+    pub nodes: u16,
+    pub vcpus: u32,
+    pub memory: Arc<GuestMemory>,
+    pub uffd: Userfault,
+    /// First page under coherence (everything below is the engine's, private per node).
+    pub first_page: u64,
+    states: Vec<AtomicU8>,
+    locks: Vec<Mutex<()>>,
+    hints: Vec<AtomicU16>,
+    heat: Vec<AtomicU8>,
+    pub placement: Placement,
+    directory: Mutex<PageDirectory>,
+    waiting: Mutex<HashMap<u64, Waiting>>,
+    transport: OnceLock<Arc<dyn Transport>>,
+    pub slots: Vec<Arc<Slot>>,
+    echo: Arc<Slot>,
+    pub policy: Mutex<Box<dyn Policy>>,
+    pub stop: AtomicBool,
+    pub resident: AtomicU32,
+    pub threads: Mutex<Vec<Option<libc::pthread_t>>>,
+    pub counters: Counters,
+    pub samples: Mutex<SampleSet>,
+    epoch: Instant,
+    epoch_offset_ns: u64,
+    clock_floor_ns: AtomicU64,
+    pub leader: Option<Leader>,
+    control: Mutex<Control>,
+    control_changed: Condvar,
+}
+
+pub(super) fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec we pass.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+impl Node {
+    fn index(&self, page: u64) -> usize {
+        (page - self.first_page) as usize
+    }
+
+    pub fn pages(&self) -> u64 {
+        self.memory.size() / PAGE
+    }
+
+    pub fn lock(&self, page: u64) -> MutexGuard<'_, ()> {
+        self.locks[page as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The page's state and whether it is physically installed. Call under its lock.
+    pub fn state(&self, page: u64) -> (PageState, bool) {
+        let b = self.states[self.index(page)].load(Ordering::Acquire);
+        (PageState::from_bits(b), b & POPULATED != 0)
+    }
+
+    fn set_state(&self, page: u64, state: PageState, populated: bool) {
+        let b = state as u8 | if populated { POPULATED } else { 0 };
+        self.states[self.index(page)].store(b, Ordering::Release);
+    }
+
+    /// The node that probably holds the page's current copy.
+    pub fn hint(&self, page: u64) -> NodeId {
+        self.hints[self.index(page)].load(Ordering::Relaxed)
+    }
+
+    fn set_hint(&self, page: u64, node: NodeId) {
+        self.hints[self.index(page)].store(node, Ordering::Relaxed);
+    }
+
+    pub fn heat(&self, page: u64) -> u32 {
+        self.heat[page as usize % self.heat.len()].load(Ordering::Relaxed) as u32
+    }
+
+    fn bump_heat(&self, page: u64) {
+        let h = &self.heat[page as usize % self.heat.len()];
+        let v = h.load(Ordering::Relaxed);
+        h.store(if v >= 32 { v / 2 } else { v + 1 }, Ordering::Relaxed);
+    }
+
+    /// Installs zeros under a page this node holds but never touched. Under its lock.
+    pub fn populate(&self, page: u64, state: PageState) -> Result<(), String> {
+        self.uffd
+            .install(page * PAGE, &ZERO_PAGE, state == PageState::Shared)
+            .map_err(|e| format!("node {}: {e}", self.me))?;
+        self.set_state(page, state, true);
+        Ok(())
+    }
+
+    pub fn home(&self, page: u64) -> NodeId {
+        self.placement.home(page)
+    }
+
+    /// The guest clock: shared epoch, never behind a clock a vCPU brought along.
+    pub fn clock_ns(&self) -> u64 {
+        let now = self.epoch_offset_ns + self.epoch.elapsed().as_nanos() as u64;
+        now.max(self.clock_floor_ns.load(Ordering::Relaxed))
+    }
+
+    pub fn raise_clock(&self, ns: u64) {
+        self.clock_floor_ns.fetch_max(ns, Ordering::Relaxed);
+    }
+
+    pub fn sample(&self, kind: Sample, d: Duration) {
+        self.samples
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(kind, d);
+    }
+
+    fn transport(&self) -> &Arc<dyn Transport> {
+        // Frames can arrive before `establish` has returned on this node; they wait here
+        // the few microseconds until it has.
+        self.transport.wait()
+    }
+
+    /// Sends `msg` to `to`, or handles it here if `to` is this node.
+    pub fn send(&self, to: NodeId, msg: Message) {
+        if to == self.me {
+            self.handle(self.me, msg);
+            return;
+        }
+        if let Err(e) = self.transport().send(to, &msg) {
+            self.link_failed(to, e);
+        }
+    }
+
+    fn route(&self, out: Vec<Outgoing>) {
+        for (to, msg) in out {
+            self.send(to, msg);
+        }
+    }
+
+    /// Sends to node 0, which keeps the run's outcome.
+    pub fn to_leader(&self, msg: Message) {
+        self.send(0, msg);
+    }
+
+    /// Waits until this node may use `page` for `want`, fetching it if needed. Returns
+    /// with the page's lock held; [`Node::release`] ends the use.
+    pub fn acquire(&self, page: u64, want: Want, slot: &Arc<Slot>) -> Result<Held<'_>, String> {
+        let mut done_to = None;
+        loop {
+            {
+                let guard = self.lock(page);
+                let (state, populated) = self.state(page);
+                if state.allows(want) {
+                    if !populated {
+                        self.populate(page, state)?;
+                    }
+                    return Ok(Held {
+                        _guard: guard,
+                        done_to,
+                    });
+                }
+                if let Some(home) = done_to {
+                    drop(guard);
+                    self.send(home, Message::Done { page });
+                    return Err(format!(
+                        "node {}: page {page:#x} arrived as {state:?}, not usable for {want:?}",
+                        self.me
+                    ));
+                }
+            }
+            let home = self.home(page);
+            let issue = {
+                let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = w.entry(page).or_default();
+                let issue = entry.in_flight.is_none();
+                if issue {
+                    entry.in_flight = Some(want);
+                }
+                entry.slots.push(Arc::clone(slot));
+                issue
+            };
+            if issue {
+                self.send(
+                    home,
+                    Message::PageRequest {
+                        page,
+                        want,
+                        requester: self.me,
+                    },
+                );
+            }
+            if slot.wait_woken(&self.stop).is_none() {
+                return Err(format!("node {}: the run stopped", self.me));
+            }
+            if issue {
+                done_to = Some(home);
+            }
+        }
+    }
+
+    /// Ends the use of a page from [`Node::acquire`].
+    pub fn release(&self, held: Held<'_>, page: u64) {
+        let done_to = held.done_to;
+        drop(held);
+        if let Some(home) = done_to {
+            self.send(home, Message::Done { page });
+        }
+    }
+
+    fn wake_waiters(&self, page: u64) -> Option<Want> {
+        let entry = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&page)?;
+        for slot in &entry.slots {
+            slot.wake();
+        }
+        entry.in_flight
+    }
+
+    fn page_msg_check(&self, page: u64, from: NodeId, what: &str) -> Result<(), String> {
+        if page < self.first_page || page >= self.pages() {
+            return Err(format!(
+                "node {from} sent {what} for page {page:#x}, outside coherent guest RAM"
+            ));
+        }
+        Ok(())
+    }
+
+    /// Home → this node (the owner): send the page to `requester`.
+    fn serve_fetch(&self, page: u64, want: Want, requester: NodeId) -> Result<(), String> {
+        let me = self.me;
+        let uffd_err = |e| format!("node {me}: {e}");
+        let mut data = Box::new([0u8; PAGE as usize]);
+        {
+            let _g = self.lock(page);
+            let (state, populated) = self.state(page);
+            if state == PageState::Invalid {
+                return Err(format!(
+                    "node {me}: asked to send page {page:#x}, which it does not hold"
+                ));
+            }
+            let gpa = page * PAGE;
+            if populated {
+                if state == PageState::Owned {
+                    // Stop local writers before copying.
+                    self.uffd.protect(gpa, PAGE, true).map_err(uffd_err)?;
+                }
+                self.memory
+                    .read(gpa, &mut data[..])
+                    .map_err(|e| format!("node {me}: {e}"))?;
+            }
+            match want {
+                Want::Read => self.set_state(page, PageState::Shared, populated),
+                Want::Write => {
+                    if populated {
+                        self.uffd.drop_pages(gpa, PAGE).map_err(uffd_err)?;
+                    }
+                    self.set_state(page, PageState::Invalid, false);
+                    self.set_hint(page, requester);
+                    self.bump_heat(page);
+                }
+            }
+        }
+        self.send(requester, Message::PageData { page, want, data });
+        Ok(())
+    }
+
+    fn install(&self, page: u64, want: Want, data: &[u8; PAGE as usize]) -> Result<(), String> {
+        let me = self.me;
+        {
+            let _g = self.lock(page);
+            let (state, populated) = self.state(page);
+            if state != PageState::Invalid || populated {
+                return Err(format!(
+                    "node {me}: page {page:#x} arrived while this node holds it ({state:?})"
+                ));
+            }
+            let read_only = want == Want::Read;
+            self.uffd
+                .install(page * PAGE, data, read_only)
+                .map_err(|e| format!("node {me}: {e}"))?;
+            let state = if read_only {
+                PageState::Shared
+            } else {
+                PageState::Owned
+            };
+            self.set_state(page, state, true);
+            if !read_only {
+                self.set_hint(page, me);
+            }
+            self.bump_heat(page);
+        }
+        self.counters.page_moves.fetch_add(1, Ordering::Relaxed);
+        if want == Want::Read {
+            self.counters.replicas_made.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.wake_waiters(page).is_none() {
+            return Err(format!("node {me}: page {page:#x} arrived unrequested"));
+        }
+        Ok(())
+    }
+
+    fn grant(&self, page: u64) -> Result<(), String> {
+        let me = self.me;
+        let want = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&page)
+            .and_then(|w| w.in_flight)
+            .ok_or_else(|| format!("node {me}: unrequested grant of page {page:#x}"))?;
+        {
+            let _g = self.lock(page);
+            let (state, populated) = self.state(page);
+            if state == PageState::Invalid {
+                return Err(format!(
+                    "node {me}: granted page {page:#x}, which it does not hold"
+                ));
+            }
+            if want == Want::Write {
+                if state == PageState::Shared && populated {
+                    self.uffd
+                        .protect(page * PAGE, PAGE, false)
+                        .map_err(|e| format!("node {me}: {e}"))?;
+                }
+                self.set_state(page, PageState::Owned, populated);
+                self.set_hint(page, me);
+            }
+        }
+        self.wake_waiters(page);
+        Ok(())
+    }
+
+    fn invalidate(&self, page: u64, owner: NodeId, from: NodeId) -> Result<(), String> {
+        let me = self.me;
+        {
+            let _g = self.lock(page);
+            let (_, populated) = self.state(page);
+            if populated {
+                self.uffd
+                    .drop_pages(page * PAGE, PAGE)
+                    .map_err(|e| format!("node {me}: {e}"))?;
+            }
+            self.set_state(page, PageState::Invalid, false);
+            self.set_hint(page, owner);
+            self.bump_heat(page);
+        }
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.send(from, Message::InvalidateAck { page });
+        Ok(())
+    }
+
+    fn directory(&self) -> MutexGuard<'_, PageDirectory> {
+        self.directory.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Handles one message from `from` (possibly this node).
+    pub fn handle(&self, from: NodeId, msg: Message) {
+        if let Err(text) = self.try_handle(from, msg) {
+            self.fail(text);
+        }
+    }
+
+    fn try_handle(&self, from: NodeId, msg: Message) -> Result<(), String> {
+        let name = msg.name();
+        let leader_only = || format!("node {from} sent {name} to node {}, not node 0", self.me);
+        match msg {
+            Message::PageRequest {
+                page,
+                want,
+                requester,
+            } => {
+                self.page_msg_check(page, from, name)?;
+                if requester != from {
+                    return Err(format!(
+                        "node {from} sent a request on behalf of node {requester}"
+                    ));
+                }
+                let out = self.directory().request(page, from, want);
+                self.route(out.map_err(|e| e.to_string())?);
+            }
+            Message::Fetch {
+                page,
+                want,
+                requester,
+            } => {
+                self.page_msg_check(page, from, name)?;
+                if requester >= self.nodes {
+                    return Err(format!("node {from}: Fetch for unknown node {requester}"));
+                }
+                self.serve_fetch(page, want, requester)?;
+            }
+            Message::Invalidate { page, owner } => {
+                self.page_msg_check(page, from, name)?;
+                self.invalidate(page, owner.min(self.nodes - 1), from)?;
+            }
+            Message::InvalidateAck { page } => {
+                self.page_msg_check(page, from, name)?;
+                let out = self.directory().invalidate_ack(page, from);
+                self.route(out.map_err(|e| e.to_string())?);
+            }
+            Message::PageData { page, want, data } => {
+                self.page_msg_check(page, from, name)?;
+                self.install(page, want, &data)?;
+            }
+            Message::Grant { page } => {
+                self.page_msg_check(page, from, name)?;
+                self.grant(page)?;
+            }
+            Message::Done { page } => {
+                self.page_msg_check(page, from, name)?;
+                let out = self.directory().done(page, from);
+                self.route(out.map_err(|e| e.to_string())?);
+            }
+            Message::VcpuMove {
+                vcpu,
+                page,
+                fault_ns,
+                clock_ns,
+                state,
+            } => {
+                let slot = self
+                    .slots
+                    .get(vcpu as usize)
+                    .ok_or_else(|| format!("node {from} sent unknown vCPU {vcpu}"))?;
+                slot.update(|i| {
+                    i.arrival = Some(Arrival {
+                        page,
+                        fault_ns,
+                        clock_ns,
+                        state,
+                    })
+                });
+            }
+            Message::FutexResult { vcpu, result } => {
+                let slot = self
+                    .slots
+                    .get(vcpu as usize)
+                    .ok_or_else(|| format!("node {from}: futex result for unknown vCPU {vcpu}"))?;
+                slot.update(|i| i.futex = Some(result));
+            }
+            Message::Echo { reply: false, data } => {
+                self.send(from, Message::Echo { reply: true, data });
+            }
+            Message::Echo { reply: true, .. } => self.echo.wake(),
+            Message::Stop => {
+                self.stop_vcpus();
+                self.control(|c| c.stop_received = true);
+            }
+            Message::Bye => self.control(|c| c.bye = true),
+            Message::Ping => {}
+            msg @ (Message::FutexWait { .. }
+            | Message::FutexWake { .. }
+            | Message::Console { .. }
+            | Message::Report { .. }
+            | Message::VcpuReturned { .. }
+            | Message::Exit { .. }
+            | Message::Fatal { .. }
+            | Message::Stats { .. }) => {
+                let leader = self.leader.as_ref().ok_or_else(leader_only)?;
+                leader.handle(self, from, msg)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn control(&self, f: impl FnOnce(&mut Control)) {
+        f(&mut self.control.lock().unwrap_or_else(|p| p.into_inner()));
+        self.control_changed.notify_all();
+    }
+
+    /// Ends the run with an error: node 0 records it, other nodes report it to node 0.
+    pub fn fail(&self, text: String) {
+        tracing::error!(node = self.me, error = %text, "run fails");
+        match &self.leader {
+            Some(leader) => leader.finish(Err(text)),
+            None => {
+                self.control(|c| {
+                    c.failure.get_or_insert(text.clone());
+                });
+                if let Some(t) = self.transport.get() {
+                    let _ = t.send(0, &Message::Fatal { text });
+                }
+            }
+        }
+    }
+
+    fn link_failed(&self, peer: NodeId, why: TransportError) {
+        let ending = {
+            let c = self.control.lock().unwrap_or_else(|p| p.into_inner());
+            c.stop_received || c.bye
+        } || self.leader.as_ref().is_some_and(|l| l.ended());
+        if ending {
+            return;
+        }
+        self.fail(format!("node {}: lost node {peer}: {why}", self.me));
+    }
+
+    /// Stops every vCPU of this node: kicks them out of the guest and out of waits.
+    pub fn stop_vcpus(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for t in threads.iter().flatten() {
+            crate::kvm::kick::kick(*t);
+        }
+        drop(threads);
+        for s in &self.slots {
+            s.wake();
+        }
+    }
+
+    pub fn stats(&self) -> NodeStats {
+        let c = &self.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NodeStats {
+            remote_faults: l(&c.remote_faults),
+            page_moves: l(&c.page_moves),
+            replicas_made: l(&c.replicas_made),
+            invalidations: l(&c.invalidations),
+            vcpu_moves: l(&c.vcpu_moves),
+            bytes_sent: self.transport.get().map_or(0, |t| t.bytes_sent()),
+            exits: l(&c.exits),
+        }
+    }
+
+    fn take_samples(&self) -> Samples {
+        std::mem::take(
+            &mut self
+                .samples
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .samples,
+        )
+    }
+
+    /// Measures `rounds` bare 4 KiB round trips to node 0.
+    fn echo_rounds(&self, rounds: u32) -> Result<(), String> {
+        for i in 0..rounds {
+            let t = Instant::now();
+            let data = Box::new([i as u8; PAGE as usize]);
+            self.send(0, Message::Echo { reply: false, data });
+            if self.echo.wait_woken(&self.stop).is_none() {
+                return Err("the run stopped while measuring round trips".into());
+            }
+            self.sample(Sample::Rtt, t.elapsed());
+        }
+        Ok(())
+    }
+}
+
+impl Handler for Node {
+    fn deliver(&self, from: NodeId, msg: Message) {
+        self.handle(from, msg);
+    }
+
+    fn link_lost(&self, peer: NodeId, why: TransportError) {
+        self.link_failed(peer, why);
+    }
+}
+
+/// Guest RAM as a vCPU thread (or the futex thread) sees it: pages come here first.
+pub(super) struct CoherentView<'a> {
+    pub node: &'a Node,
+    pub slot: &'a Arc<Slot>,
+}
+
+impl CoherentView<'_> {
+    fn each_page(
+        &self,
+        addr: u64,
+        len: usize,
+        want: Want,
+        mut f: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), MemoryError>,
+    ) -> Result<(), MemoryError> {
+        self.check(addr, len as u64)?;
+        let mut done = 0usize;
+        while done < len {
+            let at = addr + done as u64;
+            let page = at / PAGE;
+            let n = ((PAGE - at % PAGE) as usize).min(len - done);
+            if page < self.node.first_page {
+                if want == Want::Write {
+                    return Err(MemoryError::OutOfRange {
+                        addr: at,
+                        len: n as u64,
+                        size: self.node.memory.size(),
+                    });
+                }
+                f(at, done..done + n)?;
+            } else {
+                let held = self
+                    .node
+                    .acquire(page, want, self.slot)
+                    .map_err(|reason| MemoryError::Unavailable { page, reason })?;
+                let r = f(at, done..done + n);
+                self.node.release(held, page);
+                r?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub fn write_bytes(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let mem = &self.node.memory;
+        self.each_page(addr, data.len(), Want::Write, |at, r| {
+            mem.write(at, &data[r])
+        })
+    }
+}
+
+impl GuestRead for CoherentView<'_> {
+    fn ram_bytes(&self) -> u64 {
+        self.node.memory.size()
+    }
+
+    fn read_bytes(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let mem = &self.node.memory;
+        let len = buf.len();
+        self.each_page(addr, len, Want::Read, |at, r| mem.read(at, &mut buf[r]))
+    }
+}
+
+fn check_spec(spec: &ClusterSpec, me: NodeId) -> Result<(), NodeError> {
+    let bad = |s: String| Err(NodeError::Config(s));
+    if spec.nodes == 0 || spec.nodes as usize > flotilla_transport::MAX_NODES {
+        return bad(format!("{} nodes; a cluster has 1 to 64", spec.nodes));
+    }
+    if me >= spec.nodes {
+        return bad(format!(
+            "node id {me} is not below the node count {}",
+            spec.nodes
+        ));
+    }
+    if spec.vcpu_nodes.len() != spec.vcpus as usize {
+        return bad(format!(
+            "vCPU placement lists {} nodes for {} vCPUs",
+            spec.vcpu_nodes.len(),
+            spec.vcpus
+        ));
+    }
+    if let Some(n) = spec.vcpu_nodes.iter().find(|&&n| n >= spec.nodes) {
+        return bad(format!(
+            "vCPU placement names node {n}; there are {}",
+            spec.nodes
+        ));
+    }
+    flotilla_placement::by_name(&spec.policy, spec.seed, me)
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    Ok(())
+}
+
+/// Runs this node's part of the guest. Node 0 returns the run's outcome; other nodes
+/// return `None` once node 0 has ended the run.
+pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
+    let NodeSetup {
+        me,
+        spec,
+        image,
+        transport,
+        mesh,
+        timeout,
+        echo_rounds,
+        epoch_ns,
+    } = setup;
+    let started = Instant::now();
+    check_spec(&spec, me)?;
+    check_machine(spec.vcpus, spec.mem_bytes)?;
+    check_args(&spec.args)?;
+    let image = Image::parse(&image, spec.mem_bytes)?;
+    let layout = BootLayout::new(&image, spec.vcpus, spec.mem_bytes, spec.stack_bytes)?;
+    let hypervisor = Hypervisor::open()?;
+    let memory = Arc::new(GuestMemory::new(spec.mem_bytes)?);
+    memory.disable_huge_pages();
+    image.load(&memory)?;
+    layout.write(&memory, &spec.args)?;
+
+    let first_page = IMAGE_MIN_ADDR / PAGE;
+    let pages = spec.mem_bytes / PAGE;
+    let placement = Placement {
+        nodes: spec.nodes,
+        ram: spec.ram,
+        first: first_page,
+        count: pages - first_page,
+        stacks: layout.stacks_start / PAGE
+            ..(layout.stacks_start / PAGE) + spec.vcpus as u64 * (layout.stack_bytes / PAGE),
+        stack_pages: layout.stack_bytes / PAGE,
+        vcpu_nodes: spec.vcpu_nodes.clone(),
+        image: layout.image_start / PAGE..layout.image_end.div_ceil(PAGE),
+    };
+    let all_nodes = if spec.nodes == 64 {
+        u64::MAX
+    } else {
+        (1u64 << spec.nodes) - 1
+    };
+    let uffd = Userfault::register(&memory, IMAGE_MIN_ADDR, spec.mem_bytes)?;
+    let resident = uffd.resident(IMAGE_MIN_ADDR, spec.mem_bytes - IMAGE_MIN_ADDR)?;
+    let count = (pages - first_page) as usize;
+    let mut states = Vec::with_capacity(count);
+    let mut hints = Vec::with_capacity(count);
+    let mut run_start: Option<u64> = None;
+    for (i, &was_resident) in resident.iter().enumerate().take(count) {
+        let page = first_page + i as u64;
+        let home = placement.home(page);
+        let replicated = placement.image.contains(&page);
+        let state = if replicated {
+            PageState::Shared
+        } else if home == me {
+            PageState::Owned
+        } else {
+            PageState::Invalid
+        };
+        let populated = was_resident && state != PageState::Invalid;
+        states.push(AtomicU8::new(
+            state as u8 | if populated { POPULATED } else { 0 },
+        ));
+        hints.push(AtomicU16::new(home));
+        // Drop runs of pages this node does not start with.
+        match (state == PageState::Invalid, run_start) {
+            (true, None) => run_start = Some(page),
+            (false, Some(s)) => {
+                uffd.drop_pages(s * PAGE, (page - s) * PAGE)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(s) = run_start {
+        uffd.drop_pages(s * PAGE, (pages - s) * PAGE)?;
+    }
+    // The image is a read-only replica everywhere; writes upgrade through its home.
+    if !placement.image.is_empty() {
+        let start = placement.image.start.max(first_page);
+        for page in start..placement.image.end {
+            if resident[(page - first_page) as usize] {
+                uffd.protect(page * PAGE, PAGE, true)?;
+            }
+        }
+    }
+    let directory = PageDirectory::new(me, spec.nodes, first_page, count as u64, |page| {
+        let home = placement.home(page);
+        (home == me).then(|| {
+            if placement.image.contains(&page) {
+                (home, all_nodes)
+            } else {
+                (home, 1u64 << home)
+            }
+        })
+    });
+
+    let vm = hypervisor.create_vm(&memory)?;
+    let mut vcpus = Vec::new();
+    for id in 0..spec.vcpus {
+        let vcpu = vm.create_vcpu(id)?;
+        vcpu.set_boot_state(&layout)?;
+        vcpus.push(vcpu);
+    }
+    let policy = flotilla_placement::by_name(&spec.policy, spec.seed, me)
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let epoch_offset_ns = epoch_ns.map_or(0, |e| monotonic_ns().saturating_sub(e));
+    let node = Arc::new(Node {
+        me,
+        nodes: spec.nodes,
+        vcpus: spec.vcpus,
+        memory: Arc::clone(&memory),
+        uffd,
+        first_page,
+        states,
+        locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+        hints,
+        heat: (0..4096).map(|_| AtomicU8::new(0)).collect(),
+        placement,
+        directory: Mutex::new(directory),
+        waiting: Mutex::new(HashMap::new()),
+        transport: OnceLock::new(),
+        slots: (0..spec.vcpus).map(|_| Arc::new(Slot::default())).collect(),
+        echo: Arc::new(Slot::default()),
+        policy: Mutex::new(policy),
+        stop: AtomicBool::new(false),
+        resident: AtomicU32::new(0),
+        threads: Mutex::new(vec![None; spec.vcpus as usize]),
+        counters: Counters::default(),
+        samples: Mutex::new(SampleSet::default()),
+        epoch: Instant::now(),
+        epoch_offset_ns,
+        clock_floor_ns: AtomicU64::new(0),
+        leader: (me == 0).then(|| Leader::new(spec.vcpus, spec.nodes)),
+        control: Mutex::new(Control::default()),
+        control_changed: Condvar::new(),
+    });
+    tracing::debug!(
+        node = me,
+        setup_ms = started.elapsed().as_millis() as u64,
+        "node booted; connecting"
+    );
+    let t = flotilla_transport::establish(transport, &mesh, Arc::clone(&node) as Arc<dyn Handler>)?;
+    if node.transport.set(t).is_err() {
+        return Err(NodeError::Config("transport set twice".into()));
+    }
+    tracing::debug!(node = me, "cluster connected");
+    if me == 1 && echo_rounds > 0 {
+        node.echo_rounds(echo_rounds).map_err(NodeError::Run)?;
+    }
+    let run_started = Instant::now();
+    let mut threads = Vec::new();
+    for vcpu in vcpus {
+        let here = spec.vcpu_nodes[vcpu.id() as usize] == me;
+        let n = Arc::clone(&node);
+        let id = vcpu.id();
+        let h = std::thread::Builder::new()
+            .name(format!("n{me}vcpu{id}"))
+            .spawn(move || vcpu::vcpu_thread(n, vcpu, here))
+            .map_err(|e| NodeError::Run(format!("node {me}: cannot start vCPU thread: {e}")))?;
+        threads.push(h);
+    }
+    let futex_thread = match &node.leader {
+        Some(l) => Some(l.start_futex_thread(Arc::clone(&node))?),
+        None => None,
+    };
+    let result = if let Some(leader) = &node.leader {
+        let result = leader.wait_end(timeout, run_started);
+        // Stop everyone, collect their stats, say goodbye.
+        for peer in 1..node.nodes {
+            node.send(peer, Message::Stop);
+        }
+        node.stop_vcpus();
+        join_all(threads);
+        if let Some(f) = futex_thread {
+            let _ = f.join();
+        }
+        leader.record_stats(0, node.stats(), node.take_samples());
+        leader.wait_stats(Duration::from_secs(5));
+        for peer in 1..node.nodes {
+            node.send(peer, Message::Bye);
+        }
+        if let Some(t) = node.transport.get() {
+            t.close();
+        }
+        let wall = leader.wall(run_started);
+        Ok(Some(leader.outcome(result, wall).map_err(NodeError::Run)?))
+    } else {
+        let failure = {
+            let mut c = node.control.lock().unwrap_or_else(|p| p.into_inner());
+            while !c.stop_received && !c.bye && c.failure.is_none() {
+                c = node
+                    .control_changed
+                    .wait(c)
+                    .unwrap_or_else(|p| p.into_inner());
+            }
+            c.failure.clone()
+        };
+        node.stop_vcpus();
+        join_all(threads);
+        let transport = node.transport();
+        let _ = transport.send(
+            0,
+            &Message::Stats {
+                stats: node.stats(),
+                samples: node.take_samples(),
+            },
+        );
+        {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut c = node.control.lock().unwrap_or_else(|p| p.into_inner());
+            while !c.bye && Instant::now() < deadline {
+                if c.failure.is_some() && !c.stop_received {
+                    break;
+                }
+                c = node
+                    .control_changed
+                    .wait_timeout(c, POLL)
+                    .unwrap_or_else(|p| p.into_inner())
+                    .0;
+            }
+        }
+        transport.close();
+        match failure {
+            Some(text) if !node.control.lock().is_ok_and(|c| c.stop_received) => {
+                Err(NodeError::Run(text))
+            }
+            _ => Ok(None),
+        }
+    };
+    result
+}
+
+fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
+    for t in threads {
+        let _ = t.join();
+    }
+}

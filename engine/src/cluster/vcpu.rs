@@ -1,0 +1,598 @@
+//! A vCPU thread of a cluster node. Each node has a KVM vCPU object for every vCPU of
+//! the guest; a vCPU runs on exactly one node at a time and its thread elsewhere waits
+//! for it to arrive.
+//!
+//! A fault comes back as an MMIO exit at the faulting instruction (host-kvm.md). If this
+//! node can satisfy it (a page held but not yet touched), the page is installed and the
+//! MMIO completed. Otherwise the policy chooses: bring the page (acquire it, complete the
+//! pending access against it, flush the instruction with `immediate_exit` while the page
+//! is held, tell the home we are done) or send the vCPU to the page's holder (capture its
+//! state, which is the state before the instruction, flush the stale access while the
+//! page cannot arrive here, ship the state). Two rules guarantee progress whatever the
+//! policy says: a vCPU that arrives for a page and faults again at the same instruction
+//! brings the page, and a second MMIO fragment of one instruction always brings its page.
+
+use super::decode;
+use super::node::{monotonic_ns, Arrival, CoherentView, Node, PageState, Sample, Slot};
+use super::uffd::PAGE;
+use crate::hypercall::{self, result_offset, Hypercall};
+use crate::kvm::{Exit, Flushed, Vcpu, VcpuState};
+use crate::memory::GuestRead;
+use flotilla_abi::{errno, hypercall as nr, CLOCK_MONOTONIC};
+use flotilla_placement::{Access, Decision, FaultContext, FaultRecord, History};
+use flotilla_transport::{wire::CONSOLE_CHUNK_BYTES, Message, Want};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+enum Flow {
+    Continue,
+    /// The vCPU now runs on another node.
+    Moved,
+    /// The vCPU returned or called EXIT: it waits for the end of the run.
+    Parked,
+}
+
+struct Ctx {
+    history: History,
+    /// The instruction the vCPU arrived to re-execute, until its first fault here.
+    arrived_rip: Option<u64>,
+}
+
+pub(super) fn vcpu_thread(node: Arc<Node>, mut vcpu: Vcpu, here: bool) {
+    let id = vcpu.id();
+    vcpu.bind_to_thread();
+    // SAFETY: pthread_self has no preconditions.
+    node.threads.lock().unwrap_or_else(|p| p.into_inner())[id as usize] =
+        Some(unsafe { libc::pthread_self() });
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        vcpu_loop(&node, &mut vcpu, here)
+    }));
+    node.threads.lock().unwrap_or_else(|p| p.into_inner())[id as usize] = None;
+    vcpu.unbind_from_thread();
+    match result {
+        Ok(Ok(())) => {}
+        Ok(Err(text)) => node.fail(text),
+        Err(_) => node.fail(format!("node {}: vCPU {id} thread panicked", node.me)),
+    }
+}
+
+fn vcpu_loop(node: &Node, vcpu: &mut Vcpu, mut here: bool) -> Result<(), String> {
+    let id = vcpu.id();
+    let slot = Arc::clone(&node.slots[id as usize]);
+    let mut ctx = Ctx {
+        history: History::default(),
+        arrived_rip: None,
+    };
+    if here {
+        node.resident.fetch_add(1, Ordering::Relaxed);
+    }
+    loop {
+        if node.stop.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        if !here {
+            let Some(arrival) = slot.wait_arrival(&node.stop) else {
+                return Ok(());
+            };
+            ctx.arrived_rip = Some(arrive(node, vcpu, arrival)?);
+            here = true;
+            node.resident.fetch_add(1, Ordering::Relaxed);
+        }
+        match step(node, vcpu, &mut ctx, &slot)? {
+            Flow::Continue => {}
+            Flow::Moved => {
+                here = false;
+                node.resident.fetch_sub(1, Ordering::Relaxed);
+            }
+            Flow::Parked => {
+                node.resident.fetch_sub(1, Ordering::Relaxed);
+                while !node.stop.load(Ordering::SeqCst) {
+                    slot.wait_woken(&node.stop);
+                }
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Restores a vCPU that moved here; returns the instruction it re-executes.
+fn arrive(node: &Node, vcpu: &mut Vcpu, a: Arrival) -> Result<u64, String> {
+    let (me, id) = (node.me, vcpu.id());
+    let t = Instant::now();
+    let state = VcpuState::decode(&a.state)
+        .map_err(|e| format!("node {me}: vCPU {id} arrived with a bad state: {e}"))?;
+    if state.id != id {
+        return Err(format!(
+            "node {me}: state of vCPU {} arrived for vCPU {id}",
+            state.id
+        ));
+    }
+    vcpu.restore(&state)
+        .map_err(|e| format!("node {me}: restoring vCPU {id}: {e}"))?;
+    node.sample(Sample::Restore, t.elapsed());
+    let now = monotonic_ns();
+    if a.fault_ns <= now {
+        node.sample(
+            Sample::VcpuMove,
+            std::time::Duration::from_nanos(now - a.fault_ns),
+        );
+    }
+    node.raise_clock(a.clock_ns);
+    tracing::trace!(node = me, vcpu = id, page = a.page, "vCPU arrived");
+    Ok(state.regs.rip)
+}
+
+fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result<Flow, String> {
+    let (me, id) = (node.me, vcpu.id());
+    node.counters.exits.fetch_add(1, Ordering::Relaxed);
+    let rip = |vcpu: &Vcpu| vcpu.rip().unwrap_or(0);
+    enum What {
+        Out(u16, u32),
+        In(u16),
+        Fault(u64, bool, usize),
+        Whole(u64),
+        WriteFault,
+        Fetch,
+        Nothing,
+        Error(String),
+    }
+    let exit = match vcpu.run() {
+        Ok(exit) => exit,
+        Err(e) => {
+            let text = e.to_string();
+            return Err(format!("node {me}: {text} at rip {:#x}", rip(vcpu)));
+        }
+    };
+    let what = match exit {
+        Exit::IoOut { port, data } => What::Out(port, le_value(data)),
+        Exit::IoIn { port, data } => {
+            let value = match hypercall::number(port) {
+                Some(nr::VCPU_ID) => Some(id),
+                Some(nr::VCPU_COUNT) => Some(node.vcpus),
+                _ => None,
+            };
+            match value {
+                Some(v) => {
+                    let n = data.len().min(4);
+                    data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
+                    What::Nothing
+                }
+                None => What::In(port),
+            }
+        }
+        Exit::Mmio { addr, write, len } => What::Fault(addr, write, len),
+        Exit::MemoryFault { addr, .. } => What::Whole(addr),
+        Exit::WriteFault => What::WriteFault,
+        Exit::Interrupted => What::Nothing,
+        Exit::InternalError { suberror: 1 } => What::Fetch,
+        Exit::Shutdown => What::Error("guest triple fault".into()),
+        other => What::Error(format!("unhandled exit {other:?}")),
+    };
+    match what {
+        What::Nothing => Ok(Flow::Continue),
+        What::Out(port, value) => hypercall(node, id, port, value, slot),
+        What::In(port) => Err(format!(
+            "node {me}: vCPU {id}: bad hypercall at rip {:#x}: in on port {port:#x}, which is not a Flotilla hypercall",
+            rip(vcpu)
+        )),
+        What::Fault(addr, write, len) => fault(node, vcpu, ctx, slot, addr, write, len),
+        What::Whole(addr) => {
+            // Newer kernels: no pending access; bring the page and re-run.
+            let page = check_page(node, id, addr, 1)?;
+            let held = node.acquire(page, Want::Write, slot)?;
+            node.release(held, page);
+            Ok(Flow::Continue)
+        }
+        What::WriteFault => write_fault(node, vcpu, ctx, slot),
+        What::Fetch => {
+            // An instruction fetch from a page that is not here cannot be emulated:
+            // bring the code and try again.
+            let r = rip(vcpu);
+            let mut fetched = false;
+            for page in [r / PAGE, (r + 15) / PAGE] {
+                if page < node.first_page || page >= node.pages() {
+                    continue;
+                }
+                let present = {
+                    let _g = node.lock(page);
+                    node.state(page).0 != PageState::Invalid
+                };
+                if !present {
+                    let held = node.acquire(page, Want::Read, slot)?;
+                    node.release(held, page);
+                    fetched = true;
+                }
+            }
+            if fetched {
+                Ok(Flow::Continue)
+            } else {
+                Err(format!(
+                    "node {me}: vCPU {id}: KVM could not emulate the instruction at rip {r:#x}"
+                ))
+            }
+        }
+        What::Error(text) => Err(format!("node {me}: vCPU {id}: {text} at rip {:#x}", rip(vcpu))),
+    }
+}
+
+fn check_page(node: &Node, id: u32, addr: u64, len: usize) -> Result<u64, String> {
+    let page = addr / PAGE;
+    if page < node.first_page
+        || addr + len as u64 > node.memory.size()
+        || addr % PAGE + len as u64 > PAGE
+    {
+        return Err(format!(
+            "node {}: vCPU {id}: access of {len} bytes at guest-physical {addr:#x}, outside guest RAM (size {:#x}) or read-only",
+            node.me,
+            node.memory.size()
+        ));
+    }
+    Ok(page)
+}
+
+/// An access KVM could not turn into an MMIO exit (on this host: any write, or an SSE
+/// read, to a missing page ends `KVM_RUN` with `EFAULT`, RIP at the instruction, nothing
+/// pending): find the page from the instruction, then bring it (and re-run) or send the
+/// vCPU to it (its state needs no flush).
+fn write_fault(
+    node: &Node,
+    vcpu: &mut Vcpu,
+    ctx: &mut Ctx,
+    slot: &Arc<Slot>,
+) -> Result<Flow, String> {
+    let (me, id) = (node.me, vcpu.id());
+    let t0 = Instant::now();
+    let fault_ns = monotonic_ns();
+    let regs = vcpu.regs().map_err(|e| format!("node {me}: {e}"))?;
+    let view = CoherentView { node, slot };
+    let mut code = [0u8; 15];
+    let n = (node.memory.size().saturating_sub(regs.rip)).min(15) as usize;
+    view.read_bytes(regs.rip, &mut code[..n]).map_err(|e| {
+        format!(
+            "node {me}: vCPU {id}: reading the instruction at {:#x}: {e}",
+            regs.rip
+        )
+    })?;
+    let accesses = decode::memory_accesses(&code[..n], &regs)
+        .map_err(|e| format!("node {me}: vCPU {id}: write fault: {e}"))?;
+    let mut target = None;
+    'find: for a in &accesses {
+        let want = if a.write { Want::Write } else { Want::Read };
+        for page in [a.addr / PAGE, (a.addr + a.len - 1) / PAGE] {
+            if page < node.first_page || page >= node.pages() {
+                continue;
+            }
+            let _g = node.lock(page);
+            let (state, populated) = node.state(page);
+            if !state.allows(want) || !populated {
+                target = Some((page, want));
+                break 'find;
+            }
+        }
+    }
+    let Some((page, want)) = target else {
+        return Err(format!(
+            "node {me}: vCPU {id}: KVM_RUN failed with EFAULT at rip {:#x}, and no page the instruction uses is missing",
+            regs.rip
+        ));
+    };
+    {
+        let _g = node.lock(page);
+        let (state, populated) = node.state(page);
+        if state.allows(want) {
+            if !populated {
+                node.populate(page, state)?;
+                node.sample(Sample::Install, t0.elapsed());
+            }
+            return Ok(Flow::Continue);
+        }
+    }
+    node.counters.remote_faults.fetch_add(1, Ordering::Relaxed);
+    let holder = node.hint(page);
+    let forced = ctx.arrived_rip.take() == Some(regs.rip);
+    let access = if want == Want::Write {
+        Access::Write
+    } else {
+        Access::Read
+    };
+    let decision = decide(node, ctx, id, page, access, holder, forced, true);
+    match decision {
+        Decision::MovePage => {
+            let held = node.acquire(page, want, slot)?;
+            node.release(held, page);
+            node.sample(Sample::FaultService, t0.elapsed());
+            Ok(Flow::Continue)
+        }
+        Decision::MoveVcpu => {
+            let t = Instant::now();
+            let state = vcpu
+                .capture()
+                .map_err(|e| format!("node {me}: capturing vCPU {id}: {e}"))?;
+            node.sample(Sample::Capture, t.elapsed());
+            ship(node, id, page, fault_ns, state);
+            Ok(Flow::Moved)
+        }
+    }
+}
+
+fn ship(node: &Node, id: u32, page: u64, fault_ns: u64, state: VcpuState) {
+    node.counters.vcpu_moves.fetch_add(1, Ordering::Relaxed);
+    let holder = node.hint(page);
+    node.send(
+        holder,
+        Message::VcpuMove {
+            vcpu: id,
+            page,
+            fault_ns,
+            clock_ns: node.clock_ns(),
+            state: state.encode(),
+        },
+    );
+}
+
+/// Asks the policy, unless a progress rule decides.
+#[allow(clippy::too_many_arguments)]
+fn decide(
+    node: &Node,
+    ctx: &mut Ctx,
+    id: u32,
+    page: u64,
+    access: Access,
+    holder: flotilla_transport::NodeId,
+    forced: bool,
+    first: bool,
+) -> Decision {
+    let have_replica = {
+        let _g = node.lock(page);
+        node.state(page).0 == PageState::Shared
+    };
+    let decision = if forced || !first || holder == node.me {
+        Decision::MovePage
+    } else {
+        let fc = FaultContext {
+            vcpu: id,
+            node: node.me,
+            nodes: node.nodes,
+            page,
+            access,
+            holder,
+            home: node.home(page),
+            have_replica,
+            local_vcpus: node.resident.load(Ordering::Relaxed),
+            page_heat: node.heat(page),
+            history: &ctx.history,
+        };
+        node.policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .decide(&fc)
+    };
+    ctx.history.push(FaultRecord {
+        page,
+        access,
+        holder,
+        decision,
+    });
+    decision
+}
+
+/// Completes the pending access against the page (held by the caller) and flushes it.
+fn complete(node: &Node, vcpu: &mut Vcpu, addr: u64, write: bool) -> Result<Flushed, String> {
+    let (me, id) = (node.me, vcpu.id());
+    let data = vcpu
+        .mmio_data()
+        .ok_or_else(|| format!("node {me}: vCPU {id}: no pending access to complete"))?;
+    let r = if write {
+        node.memory.write(addr, data)
+    } else {
+        node.memory.read(addr, data)
+    };
+    r.map_err(|e| format!("node {me}: {e}"))?;
+    vcpu.flush().map_err(|e| format!("node {me}: {e}"))
+}
+
+/// What the loop in `fault` does after completing an access.
+fn after(node: &Node, id: u32, flushed: Flushed) -> Result<Option<(u64, bool, usize)>, String> {
+    match flushed {
+        Flushed::Done => Ok(None),
+        Flushed::Mmio { addr, write, len } => Ok(Some((addr, write, len))),
+        Flushed::EmulationFailed => Err(format!(
+            "node {}: vCPU {id}: KVM could not finish an instruction whose page is present",
+            node.me
+        )),
+        Flushed::Other(what) => Err(format!(
+            "node {}: vCPU {id}: flush ended with {what}",
+            node.me
+        )),
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn fault(
+    node: &Node,
+    vcpu: &mut Vcpu,
+    ctx: &mut Ctx,
+    slot: &Arc<Slot>,
+    addr: u64,
+    write: bool,
+    len: usize,
+) -> Result<Flow, String> {
+    let (me, id) = (node.me, vcpu.id());
+    let t0 = Instant::now();
+    let fault_ns = monotonic_ns();
+    let mut next = Some((addr, write, len));
+    let mut first = true;
+    while let Some((addr, write, len)) = next {
+        let page = check_page(node, id, addr, len)?;
+        let want = if write { Want::Write } else { Want::Read };
+        // This node holds the page but never touched it: install and go on.
+        {
+            let guard = node.lock(page);
+            let (state, populated) = node.state(page);
+            if state.allows(want) {
+                if !populated {
+                    node.populate(page, state)?;
+                }
+                let flushed = complete(node, vcpu, addr, write)?;
+                drop(guard);
+                if !populated {
+                    node.sample(Sample::Install, t0.elapsed());
+                }
+                next = after(node, id, flushed)?;
+                first = false;
+                continue;
+            }
+        }
+        node.counters.remote_faults.fetch_add(1, Ordering::Relaxed);
+        let holder = node.hint(page);
+        let forced = match ctx.arrived_rip.take() {
+            Some(rip) => vcpu.rip().map_err(|e| format!("node {me}: {e}"))? == rip,
+            None => false,
+        };
+        let access = if write { Access::Write } else { Access::Read };
+        let decision = decide(node, ctx, id, page, access, holder, forced, first);
+        first = false;
+        match decision {
+            Decision::MovePage => {
+                let held = node.acquire(page, want, slot)?;
+                let flushed = complete(node, vcpu, addr, write);
+                node.release(held, page);
+                node.sample(Sample::FaultService, t0.elapsed());
+                next = after(node, id, flushed?)?;
+            }
+            Decision::MoveVcpu => {
+                let guard = node.lock(page);
+                if node.state(page).0.allows(want) {
+                    // It arrived meanwhile; the loop completes the access here.
+                    drop(guard);
+                    next = Some((addr, write, len));
+                    continue;
+                }
+                let t = Instant::now();
+                let state = vcpu
+                    .capture()
+                    .map_err(|e| format!("node {me}: capturing vCPU {id}: {e}"))?;
+                node.sample(Sample::Capture, t.elapsed());
+                // Flush the stale access while the page cannot arrive here.
+                for _ in 0..8 {
+                    match vcpu.flush().map_err(|e| format!("node {me}: {e}"))? {
+                        Flushed::Mmio { .. } => continue,
+                        Flushed::Done | Flushed::EmulationFailed => break,
+                        Flushed::Other(what) => {
+                            return Err(format!("node {me}: vCPU {id}: flush ended with {what}"))
+                        }
+                    }
+                }
+                drop(guard);
+                ship(node, id, page, fault_ns, state);
+                return Ok(Flow::Moved);
+            }
+        }
+    }
+    Ok(Flow::Continue)
+}
+
+fn hypercall(
+    node: &Node,
+    id: u32,
+    port: u16,
+    value: u32,
+    slot: &Arc<Slot>,
+) -> Result<Flow, String> {
+    let me = node.me;
+    let view = CoherentView { node, slot };
+    let call = hypercall::decode_out(&view, port, value)
+        .map_err(|e| format!("node {me}: vCPU {id}: bad hypercall: {e}"))?;
+    let mem_err = |e: crate::memory::MemoryError| format!("node {me}: vCPU {id}: {e}");
+    let stopped = || format!("node {me}: the run stopped");
+    match call {
+        Hypercall::Exit(code) => {
+            node.to_leader(Message::Exit { code });
+            return Ok(Flow::Parked);
+        }
+        Hypercall::Return(code) => {
+            node.to_leader(Message::VcpuReturned { vcpu: id, code });
+            return Ok(Flow::Parked);
+        }
+        Hypercall::Write {
+            block,
+            fd,
+            buf,
+            len,
+        } => {
+            let result = if fd != 1 && fd != 2 || len > hypercall::WRITE_MAX_BYTES {
+                -(errno::EINVAL as i64)
+            } else {
+                let mut bytes = vec![0u8; len as usize];
+                view.read_bytes(buf, &mut bytes).map_err(mem_err)?;
+                for chunk in bytes.chunks(CONSOLE_CHUNK_BYTES) {
+                    node.to_leader(Message::Console {
+                        fd: fd as u8,
+                        bytes: chunk.to_vec(),
+                    });
+                }
+                len as i64
+            };
+            view.write_bytes(block + result_offset::WRITE, &(result as u64).to_le_bytes())
+                .map_err(mem_err)?;
+        }
+        Hypercall::Clock { block, clock_id } => {
+            let (result, nanos) = if clock_id == CLOCK_MONOTONIC {
+                (0i32, node.clock_ns())
+            } else {
+                (-errno::EINVAL, 0)
+            };
+            view.write_bytes(block + result_offset::CLOCK_RESULT, &result.to_le_bytes())
+                .map_err(mem_err)?;
+            view.write_bytes(block + result_offset::CLOCK_NANOS, &nanos.to_le_bytes())
+                .map_err(mem_err)?;
+        }
+        Hypercall::FutexWait {
+            block,
+            addr,
+            expected,
+            flags,
+            timeout_ns,
+        } => {
+            let result = if flags != 0 || addr % 4 != 0 {
+                -errno::EINVAL
+            } else {
+                node.to_leader(Message::FutexWait {
+                    vcpu: id,
+                    addr,
+                    expected,
+                    timeout_ns,
+                });
+                slot.wait_futex(&node.stop).ok_or_else(stopped)?
+            };
+            view.write_bytes(block + result_offset::FUTEX_WAIT, &result.to_le_bytes())
+                .map_err(mem_err)?;
+        }
+        Hypercall::FutexWake { block, addr, count } => {
+            let result = if addr % 4 != 0 {
+                -errno::EINVAL
+            } else {
+                node.to_leader(Message::FutexWake {
+                    vcpu: id,
+                    addr,
+                    count,
+                });
+                slot.wait_futex(&node.stop).ok_or_else(stopped)?
+            };
+            view.write_bytes(block + result_offset::FUTEX_WAKE, &result.to_le_bytes())
+                .map_err(mem_err)?;
+        }
+        Hypercall::Yield => std::thread::yield_now(),
+        Hypercall::Report(value) => node.to_leader(Message::Report { value }),
+    }
+    Ok(Flow::Continue)
+}
+
+/// The value of an `out`, zero-extended from 1, 2 or 4 bytes.
+fn le_value(data: &[u8]) -> u32 {
+    let mut bytes = [0u8; 4];
+    let n = data.len().min(4);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(bytes)
+}

@@ -1,0 +1,263 @@
+//! Placement policies. At every remote fault the engine builds a [`FaultContext`] from
+//! what it knows cheaply (which vCPU, which page, which node probably holds it, what this
+//! vCPU faulted on lately) and asks a [`Policy`] for a [`Decision`]: bring the page here,
+//! or send the vCPU to the page.
+//!
+//! This crate is on the engine's fault path, so it has no heavy dependencies: learned
+//! policies (tract, linfa) live behind the same trait in a separate feature-gated module
+//! that the engine never needs to build.
+
+mod heuristic;
+
+pub use heuristic::Heuristic;
+
+/// A node's index in its cluster (0-based).
+pub type NodeId = u16;
+
+/// What the faulting instruction did to the page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Access {
+    Read,
+    Write,
+    /// An instruction fetch.
+    Execute,
+}
+
+/// What a policy can decide at a remote fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    /// Bring the page (or write ownership of it) to the faulting vCPU's node.
+    MovePage,
+    /// Send the vCPU, with its full state, to the node that holds the page; the faulting
+    /// instruction re-executes there.
+    MoveVcpu,
+}
+
+/// One past fault of a vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultRecord {
+    pub page: u64,
+    pub access: Access,
+    /// The node the page was (probably) on.
+    pub holder: NodeId,
+    pub decision: Decision,
+}
+
+/// The recent faults of one vCPU, oldest first, at most [`History::CAPACITY`].
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    records: std::collections::VecDeque<FaultRecord>,
+    /// Faults since this vCPU last moved between nodes.
+    pub faults_since_move: u32,
+}
+
+impl History {
+    pub const CAPACITY: usize = 16;
+
+    pub fn push(&mut self, record: FaultRecord) {
+        if self.records.len() == Self::CAPACITY {
+            self.records.pop_front();
+        }
+        if record.decision == Decision::MoveVcpu {
+            self.faults_since_move = 0;
+        } else {
+            self.faults_since_move = self.faults_since_move.saturating_add(1);
+        }
+        self.records.push_back(record);
+    }
+
+    /// Oldest first.
+    pub fn records(&self) -> impl DoubleEndedIterator<Item = &FaultRecord> + ExactSizeIterator {
+        self.records.iter()
+    }
+
+    pub fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.records.is_empty()
+    }
+}
+
+/// Everything the engine knows cheaply at a remote fault.
+#[derive(Debug, Clone, Copy)]
+pub struct FaultContext<'a> {
+    pub vcpu: u32,
+    /// The node the vCPU is on (where the fault happened).
+    pub node: NodeId,
+    pub nodes: u16,
+    /// Guest-physical page number (address / 4096).
+    pub page: u64,
+    pub access: Access,
+    /// The node that probably holds the page's current copy (the last one this node
+    /// heard of; the page's home knows for sure).
+    pub holder: NodeId,
+    /// The node whose directory tracks the page.
+    pub home: NodeId,
+    /// This node already holds a read-only copy: a write only needs ownership.
+    pub have_replica: bool,
+    /// vCPUs currently running on this node.
+    pub local_vcpus: u32,
+    /// Times this page moved in or out of this node recently (decays).
+    pub page_heat: u32,
+    /// This vCPU's recent faults.
+    pub history: &'a History,
+}
+
+/// A placement policy. Called on the faulting vCPU's thread; must be cheap and must not
+/// block. Policies are per node and may keep state.
+pub trait Policy: Send {
+    /// The name `--policy` selects it by.
+    fn name(&self) -> &'static str;
+    fn decide(&mut self, fault: &FaultContext<'_>) -> Decision;
+}
+
+/// Always bring the page.
+#[derive(Debug, Default)]
+pub struct AlwaysPage;
+
+impl Policy for AlwaysPage {
+    fn name(&self) -> &'static str {
+        "always-page"
+    }
+    fn decide(&mut self, _: &FaultContext<'_>) -> Decision {
+        Decision::MovePage
+    }
+}
+
+/// Always send the vCPU to the page.
+#[derive(Debug, Default)]
+pub struct AlwaysVcpu;
+
+impl Policy for AlwaysVcpu {
+    fn name(&self) -> &'static str {
+        "always-vcpu"
+    }
+    fn decide(&mut self, _: &FaultContext<'_>) -> Decision {
+        Decision::MoveVcpu
+    }
+}
+
+/// A coin flip per fault from a seeded generator (SplitMix64): reproducible chaos for
+/// testing that every interleaving of page and vCPU moves keeps the guest correct.
+#[derive(Debug)]
+pub struct Random {
+    state: u64,
+}
+
+impl Random {
+    pub fn new(seed: u64) -> Self {
+        Random { state: seed }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+impl Policy for Random {
+    fn name(&self) -> &'static str {
+        "random"
+    }
+    fn decide(&mut self, _: &FaultContext<'_>) -> Decision {
+        if self.next() & 1 == 0 {
+            Decision::MovePage
+        } else {
+            Decision::MoveVcpu
+        }
+    }
+}
+
+/// The policies `--policy` accepts.
+pub const POLICY_NAMES: [&str; 4] = ["always-page", "always-vcpu", "random", "heuristic"];
+
+/// A `--policy` name that is not one of [`POLICY_NAMES`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown policy '{0}' (known: always-page, always-vcpu, random, heuristic)")]
+pub struct UnknownPolicy(pub String);
+
+/// Builds the policy called `name` for `node`. `seed` seeds `random` (mixed with the
+/// node id, so nodes do not flip the same coins).
+pub fn by_name(name: &str, seed: u64, node: NodeId) -> Result<Box<dyn Policy>, UnknownPolicy> {
+    Ok(match name {
+        "always-page" => Box::new(AlwaysPage),
+        "always-vcpu" => Box::new(AlwaysVcpu),
+        "random" => Box::new(Random::new(
+            seed ^ (node as u64).wrapping_mul(0xA24B_AED4_963E_E407),
+        )),
+        "heuristic" => Box::new(Heuristic::default()),
+        other => return Err(UnknownPolicy(other.to_string())),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn context(history: &History) -> FaultContext<'_> {
+        FaultContext {
+            vcpu: 0,
+            node: 0,
+            nodes: 2,
+            page: 100,
+            access: Access::Read,
+            holder: 1,
+            home: 1,
+            have_replica: false,
+            local_vcpus: 1,
+            page_heat: 0,
+            history,
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for name in POLICY_NAMES {
+            assert_eq!(by_name(name, 1, 0).unwrap().name(), name);
+        }
+        assert_eq!(
+            by_name("nope", 1, 0).err(),
+            Some(UnknownPolicy("nope".into()))
+        );
+    }
+
+    #[test]
+    fn random_is_seeded_and_mixes_both_moves() {
+        let history = History::default();
+        let draw = |seed| {
+            let mut p = by_name("random", seed, 0).unwrap();
+            (0..64)
+                .map(|_| p.decide(&context(&history)))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(draw(7), draw(7));
+        assert_ne!(draw(7), draw(8));
+        let d = draw(7);
+        assert!(d.contains(&Decision::MovePage) && d.contains(&Decision::MoveVcpu));
+    }
+
+    #[test]
+    fn history_is_bounded_and_counts_since_move() {
+        let mut h = History::default();
+        for i in 0..40 {
+            h.push(FaultRecord {
+                page: i,
+                access: Access::Read,
+                holder: 1,
+                decision: if i == 30 {
+                    Decision::MoveVcpu
+                } else {
+                    Decision::MovePage
+                },
+            });
+        }
+        assert_eq!(h.len(), History::CAPACITY);
+        assert_eq!(h.records().last().unwrap().page, 39);
+        assert_eq!(h.faults_since_move, 9);
+    }
+}

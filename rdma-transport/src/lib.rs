@@ -1,0 +1,167 @@
+//! How Flotilla nodes talk. One [`Transport`] trait, several wires:
+//!
+//! - [`tcp`]: the default; works across machines.
+//! - [`shm`]: nodes on one host; frames go through rings in a shared segment written
+//!   one-sidedly by the sender (the shape an RDMA backend takes: registered memory,
+//!   one-sided writes, a doorbell). Connection setup, authentication and liveness still
+//!   use a TCP link, so both transports carry exactly the same protocol.
+//!
+//! Every frame is validated on receipt ([`wire`]); a bad frame closes that link with a
+//! logged error and tells the [`Handler`], which ends the run naming the peer. Before any
+//! frame flows, both ends of a link prove knowledge of the cluster secret ([`auth`]).
+
+pub mod auth;
+pub mod shm;
+pub mod tcp;
+pub mod wire;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+pub use wire::{Message, NodeStats, Samples, Want, WireError};
+
+/// A node's index in its cluster (0-based).
+pub type NodeId = u16;
+
+/// Most nodes in one cluster.
+pub const MAX_NODES: usize = 64;
+
+/// Why a link or a whole mesh failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("node {peer} ({addr}): {what}: {source}")]
+    Io {
+        peer: NodeId,
+        addr: SocketAddr,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("peer at {addr}: handshake failed: {reason}")]
+    Handshake { addr: SocketAddr, reason: String },
+    #[error("peer at {addr} failed authentication (wrong cluster secret?)")]
+    Auth { addr: SocketAddr },
+    #[error("node {peer} runs a different cluster configuration (the guest, placement or node list differ)")]
+    ConfigMismatch { peer: NodeId },
+    #[error("no connection from node(s) {missing:?} within {timeout:?}")]
+    Timeout {
+        missing: Vec<NodeId>,
+        timeout: Duration,
+    },
+    #[error("node {peer}: bad frame: {source}")]
+    Wire { peer: NodeId, source: WireError },
+    #[error("node {peer} closed the connection")]
+    Closed { peer: NodeId },
+    #[error("node {peer} sent nothing for {idle:?} (hung or unreachable)")]
+    Silent { peer: NodeId, idle: Duration },
+    #[error("no link to node {0}")]
+    NoLink(NodeId),
+    #[error("shared-memory segment {path}: {source}")]
+    Shm {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Receives what arrives on a transport. Called on the transport's receive threads: it
+/// must not block for long (it may send).
+pub trait Handler: Send + Sync + 'static {
+    fn deliver(&self, from: NodeId, msg: Message);
+    /// The link to `peer` is gone; nothing more will arrive from it.
+    fn link_lost(&self, peer: NodeId, why: TransportError);
+}
+
+/// A set of authenticated links from this node to every other node of the cluster.
+pub trait Transport: Send + Sync {
+    /// `tcp` or `shm`.
+    fn name(&self) -> &'static str;
+    fn me(&self) -> NodeId;
+    fn nodes(&self) -> u16;
+    /// Sends one frame to `to` (not to this node itself). Frames to one peer arrive in
+    /// the order they were sent.
+    fn send(&self, to: NodeId, msg: &Message) -> Result<(), TransportError>;
+    /// Frame bytes sent so far, headers included.
+    fn bytes_sent(&self) -> u64;
+    /// Closes every link; the handler hears of no further losses.
+    fn close(&self);
+}
+
+/// What a node needs to join its cluster.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    pub me: NodeId,
+    /// Every node's listening address, by node id.
+    pub addrs: Vec<SocketAddr>,
+    pub secret: Vec<u8>,
+    /// Digest of the cluster configuration every node must share.
+    pub digest: [u8; 32],
+    /// How long to wait for every peer to be connected.
+    pub connect_timeout: Duration,
+    /// A peer that sends nothing (not even a keep-alive) for this long is dead.
+    pub idle_timeout: Duration,
+}
+
+impl MeshConfig {
+    pub fn check(&self) -> Result<(), TransportError> {
+        let n = self.addrs.len();
+        if n == 0 || n > MAX_NODES {
+            return Err(TransportError::Config(format!(
+                "a cluster has 1 to {MAX_NODES} nodes, not {n}"
+            )));
+        }
+        if self.me as usize >= n {
+            return Err(TransportError::Config(format!(
+                "node id {} is not below the node count {n}",
+                self.me
+            )));
+        }
+        if self.secret.len() < 16 {
+            return Err(TransportError::Config(format!(
+                "the cluster secret is {} bytes; at least 16 are needed",
+                self.secret.len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Which wire to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Tcp,
+    Shm,
+}
+
+impl Kind {
+    pub fn from_name(name: &str) -> Option<Kind> {
+        match name {
+            "tcp" => Some(Kind::Tcp),
+            "shm" => Some(Kind::Shm),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Tcp => "tcp",
+            Kind::Shm => "shm",
+        }
+    }
+}
+
+/// Joins the cluster over the chosen wire.
+pub fn establish(
+    kind: Kind,
+    config: &MeshConfig,
+    handler: std::sync::Arc<dyn Handler>,
+) -> Result<std::sync::Arc<dyn Transport>, TransportError> {
+    Ok(match kind {
+        Kind::Tcp => tcp::TcpTransport::establish(config, handler)?,
+        Kind::Shm => shm::ShmTransport::establish(config, handler)?,
+    })
+}
