@@ -347,7 +347,7 @@ impl ShmTransport {
 
     fn lost(&self, peer: NodeId, why: TransportError, handler: &dyn Handler) {
         if !self.closed.load(Ordering::SeqCst) {
-            tracing::error!(node = self.me, peer, error = %why, "link lost");
+            tracing::debug!(node = self.me, peer, error = %why, "link lost");
             handler.link_lost(peer, why);
         }
     }

@@ -287,7 +287,7 @@ impl TcpTransport {
             }
         };
         if !self.closed.load(Ordering::SeqCst) {
-            tracing::error!(node = self.me, peer, error = %result, "link lost");
+            tracing::debug!(node = self.me, peer, error = %result, "link lost");
             let _ = stream.shutdown(Shutdown::Both);
             handler.link_lost(peer, result);
         }

@@ -260,3 +260,387 @@ impl PageDirectory {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The protocol run against a model of the node caches (the same rules as
+    //! `node.rs`), with every message delivered in a random order that still keeps each
+    //! link FIFO. After every step: at most one writable copy, no read-only copy beside
+    //! it, every copy holds the last value written, and no page is ever lost. At the
+    //! end every request completes: no deadlock, whatever the interleaving.
+    use super::*;
+    use flotilla_transport::wire::PAGE_BYTES;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum St {
+        Invalid,
+        Shared,
+        Owned,
+    }
+
+    struct Cache {
+        state: Vec<St>,
+        value: Vec<u64>,
+        pending: Vec<Option<Want>>,
+        arrived: Vec<bool>,
+    }
+
+    struct World {
+        n: u16,
+        pages: u64,
+        dirs: Vec<PageDirectory>,
+        caches: Vec<Cache>,
+        links: HashMap<(NodeId, NodeId), VecDeque<Message>>,
+        last: Vec<u64>,
+        writes: u64,
+    }
+
+    fn home(page: u64, n: u16) -> NodeId {
+        (page % n as u64) as NodeId
+    }
+
+    fn data(v: u64) -> Box<[u8; PAGE_BYTES]> {
+        let mut d = Box::new([0u8; PAGE_BYTES]);
+        d[..8].copy_from_slice(&v.to_le_bytes());
+        d
+    }
+
+    impl World {
+        fn new(n: u16, pages: u64) -> Self {
+            let dirs = (0..n)
+                .map(|me| {
+                    PageDirectory::new(me, n, 0, pages, |p| {
+                        (home(p, n) == me).then_some((me, 1u64 << me))
+                    })
+                })
+                .collect();
+            let caches = (0..n)
+                .map(|me| Cache {
+                    state: (0..pages)
+                        .map(|p| {
+                            if home(p, n) == me {
+                                St::Owned
+                            } else {
+                                St::Invalid
+                            }
+                        })
+                        .collect(),
+                    value: vec![0; pages as usize],
+                    pending: vec![None; pages as usize],
+                    arrived: vec![false; pages as usize],
+                })
+                .collect();
+            World {
+                n,
+                pages,
+                dirs,
+                caches,
+                links: HashMap::new(),
+                last: vec![0; pages as usize],
+                writes: 0,
+            }
+        }
+
+        fn send(&mut self, from: NodeId, out: Vec<Outgoing>) {
+            for (to, msg) in out {
+                self.links.entry((from, to)).or_default().push_back(msg);
+            }
+        }
+
+        fn deliver(&mut self, from: NodeId, to: NodeId, msg: Message) -> Result<(), String> {
+            let x = to as usize;
+            match msg {
+                Message::PageRequest { page, want, .. } => {
+                    let out = self.dirs[x]
+                        .request(page, from, want)
+                        .map_err(|e| e.to_string())?;
+                    self.send(to, out);
+                }
+                Message::InvalidateAck { page } => {
+                    let out = self.dirs[x]
+                        .invalidate_ack(page, from)
+                        .map_err(|e| e.to_string())?;
+                    self.send(to, out);
+                }
+                Message::Done { page } => {
+                    let out = self.dirs[x].done(page, from).map_err(|e| e.to_string())?;
+                    self.send(to, out);
+                }
+                Message::Fetch {
+                    page,
+                    want,
+                    requester,
+                } => {
+                    let c = &mut self.caches[x];
+                    let p = page as usize;
+                    if c.state[p] == St::Invalid {
+                        return Err(format!("node {to} asked to send page {page} it lacks"));
+                    }
+                    let v = c.value[p];
+                    c.state[p] = if want == Want::Read {
+                        St::Shared
+                    } else {
+                        St::Invalid
+                    };
+                    self.send(
+                        to,
+                        vec![(
+                            requester,
+                            Message::PageData {
+                                page,
+                                want,
+                                data: data(v),
+                            },
+                        )],
+                    );
+                }
+                Message::Invalidate { page, .. } => {
+                    self.caches[x].state[page as usize] = St::Invalid;
+                    self.send(
+                        to,
+                        vec![(home(page, self.n), Message::InvalidateAck { page })],
+                    );
+                }
+                Message::PageData { page, want, data } => {
+                    let c = &mut self.caches[x];
+                    let p = page as usize;
+                    if c.state[p] != St::Invalid || c.pending[p].is_none() {
+                        return Err(format!("page {page} arrived at node {to} unexpectedly"));
+                    }
+                    c.state[p] = if want == Want::Read {
+                        St::Shared
+                    } else {
+                        St::Owned
+                    };
+                    c.value[p] = u64::from_le_bytes(data[..8].try_into().unwrap());
+                    c.arrived[p] = true;
+                }
+                Message::Grant { page } => {
+                    let c = &mut self.caches[x];
+                    let p = page as usize;
+                    let Some(want) = c.pending[p] else {
+                        return Err(format!("unrequested grant of page {page} at node {to}"));
+                    };
+                    if c.state[p] == St::Invalid {
+                        return Err(format!("grant of page {page} at node {to}, which lacks it"));
+                    }
+                    if want == Want::Write {
+                        c.state[p] = St::Owned;
+                    }
+                    c.arrived[p] = true;
+                }
+                other => return Err(format!("unexpected {}", other.name())),
+            }
+            Ok(())
+        }
+
+        fn allows(s: St, w: Want) -> bool {
+            matches!((s, w), (St::Owned, _) | (St::Shared, Want::Read))
+        }
+
+        /// Node `x` wants page `p`: start a request, or use a page that arrived.
+        fn want(&mut self, x: NodeId, p: u64, w: Want) -> Result<(), String> {
+            let c = &mut self.caches[x as usize];
+            let i = p as usize;
+            if c.arrived[i] {
+                // Use the page we asked for, then tell the home.
+                let w = c.pending[i].take().unwrap();
+                c.arrived[i] = false;
+                if !Self::allows(c.state[i], w) {
+                    return Err(format!("node {x}: page {p} arrived unusable for {w:?}"));
+                }
+                if w == Want::Write {
+                    self.writes += 1;
+                    c.value[i] = self.writes;
+                    self.last[i] = self.writes;
+                } else if c.value[i] != self.last[i] {
+                    return Err(format!("node {x} read a stale page {p}"));
+                }
+                self.send(x, vec![(home(p, self.n), Message::Done { page: p })]);
+            } else if c.pending[i].is_none() && !Self::allows(c.state[i], w) {
+                c.pending[i] = Some(w);
+                self.send(
+                    x,
+                    vec![(
+                        home(p, self.n),
+                        Message::PageRequest {
+                            page: p,
+                            want: w,
+                            requester: x,
+                        },
+                    )],
+                );
+            }
+            Ok(())
+        }
+
+        fn check(&self) -> Result<(), String> {
+            for p in 0..self.pages as usize {
+                let owned = self
+                    .caches
+                    .iter()
+                    .filter(|c| c.state[p] == St::Owned)
+                    .count();
+                let shared = self
+                    .caches
+                    .iter()
+                    .filter(|c| c.state[p] == St::Shared)
+                    .count();
+                if owned > 1 || (owned == 1 && shared > 0) {
+                    return Err(format!(
+                        "page {p}: {owned} writable and {shared} read-only copies"
+                    ));
+                }
+                for (x, c) in self.caches.iter().enumerate() {
+                    if c.state[p] != St::Invalid && c.value[p] != self.last[p] {
+                        return Err(format!("node {x} holds a stale copy of page {p}"));
+                    }
+                }
+                let in_flight =
+                    self.links.values().flatten().any(
+                        |m| matches!(m, Message::PageData { page, .. } if *page as usize == p),
+                    );
+                if owned + shared == 0 && !in_flight {
+                    return Err(format!("page {p} is lost"));
+                }
+            }
+            Ok(())
+        }
+
+        fn deliver_one(&mut self, pick: usize) -> Result<bool, String> {
+            let mut keys: Vec<_> = self
+                .links
+                .iter()
+                .filter(|(_, q)| !q.is_empty())
+                .map(|(k, _)| *k)
+                .collect();
+            if keys.is_empty() {
+                return Ok(false);
+            }
+            keys.sort_unstable();
+            let (from, to) = keys[pick % keys.len()];
+            let msg = self
+                .links
+                .get_mut(&(from, to))
+                .unwrap()
+                .pop_front()
+                .unwrap();
+            self.deliver(from, to, msg)?;
+            Ok(true)
+        }
+    }
+
+    fn run(n: u16, pages: u64, steps: &[(u8, u8, u8, bool)]) -> Result<(), String> {
+        let mut w = World::new(n, pages);
+        for &(kind, a, b, write) in steps {
+            if kind % 3 == 0 {
+                let want = if write { Want::Write } else { Want::Read };
+                w.want(a as NodeId % n, b as u64 % pages, want)?;
+            } else {
+                w.deliver_one(a as usize * 7 + b as usize)?;
+            }
+            w.check()?;
+        }
+        // Drain: deliver everything and use every page that arrived, until quiet.
+        for round in 0.. {
+            if round > 100_000 {
+                return Err("no progress: requests never complete (deadlock)".into());
+            }
+            if w.deliver_one(round)? {
+                w.check()?;
+                continue;
+            }
+            let mut used = false;
+            for x in 0..n {
+                for p in 0..pages {
+                    if w.caches[x as usize].arrived[p as usize] {
+                        w.want(x, p, Want::Read)?;
+                        used = true;
+                    }
+                }
+            }
+            if !used {
+                break;
+            }
+        }
+        let stuck = w
+            .caches
+            .iter()
+            .flat_map(|c| &c.pending)
+            .filter(|p| p.is_some())
+            .count();
+        if stuck > 0 {
+            return Err(format!("{stuck} requests never completed"));
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(400))]
+        #[test]
+        fn coherence_holds_under_any_interleaving(
+            n in 1u16..=4,
+            pages in 1u64..=3,
+            steps in proptest::collection::vec((any::<u8>(), any::<u8>(), any::<u8>(), any::<bool>()), 0..300),
+        ) {
+            prop_assert_eq!(run(n, pages, &steps), Ok(()));
+        }
+    }
+
+    #[test]
+    fn everyone_writes_the_same_page_at_once() {
+        // Four nodes ask for write ownership of page 0 together, then all messages flow.
+        let mut w = World::new(4, 1);
+        for x in 1..4 {
+            w.want(x, 0, Want::Write).unwrap();
+        }
+        for round in 0..10_000 {
+            if !w.deliver_one(round).unwrap() {
+                let mut any = false;
+                for x in 0..4 {
+                    if w.caches[x as usize].arrived[0] {
+                        w.want(x, 0, Want::Write).unwrap();
+                        any = true;
+                    }
+                }
+                if !any {
+                    break;
+                }
+            }
+            w.check().unwrap();
+        }
+        assert_eq!(w.writes, 3);
+        assert!(w.caches.iter().all(|c| c.pending[0].is_none()));
+    }
+
+    #[test]
+    fn misbehaving_peers_are_named() {
+        let mut d = PageDirectory::new(0, 2, 0, 4, |p| (p % 2 == 0).then_some((0, 1)));
+        assert!(matches!(
+            d.request(1, 1, Want::Read),
+            Err(ProtocolError::NotHome { .. })
+        ));
+        assert!(matches!(
+            d.done(0, 1),
+            Err(ProtocolError::Unexpected { .. })
+        ));
+        assert!(matches!(
+            d.invalidate_ack(0, 1),
+            Err(ProtocolError::Unexpected { .. })
+        ));
+        assert!(matches!(
+            d.request(0, 9, Want::Read),
+            Err(ProtocolError::BadNode { .. })
+        ));
+        let out = d.request(0, 1, Want::Write).unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(matches!(
+            d.done(0, 0),
+            Err(ProtocolError::Unexpected { .. })
+        ));
+        d.done(0, 1).unwrap();
+        assert_eq!(d.entry(0), Some((1, 0b10)));
+    }
+}

@@ -57,11 +57,14 @@ struct State {
 pub(super) struct Leader {
     state: Mutex<State>,
     changed: Condvar,
-    futex: Mutex<Option<mpsc::Sender<FutexOp>>>,
+    futex: Mutex<mpsc::Sender<FutexOp>>,
+    /// Taken by the futex thread; ops sent before it starts wait in the channel.
+    futex_rx: Mutex<Option<mpsc::Receiver<FutexOp>>>,
 }
 
 impl Leader {
     pub fn new(vcpus: u32, nodes: u16) -> Self {
+        let (tx, rx) = mpsc::channel();
         Leader {
             state: Mutex::new(State {
                 returned: vec![None; vcpus as usize],
@@ -69,7 +72,8 @@ impl Leader {
                 ..Default::default()
             }),
             changed: Condvar::new(),
-            futex: Mutex::new(None),
+            futex: Mutex::new(tx),
+            futex_rx: Mutex::new(Some(rx)),
         }
     }
 
@@ -96,9 +100,11 @@ impl Leader {
     }
 
     fn futex_op(&self, op: FutexOp) {
-        if let Some(tx) = &*self.futex.lock().unwrap_or_else(|p| p.into_inner()) {
-            let _ = tx.send(op);
-        }
+        let _ = self
+            .futex
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(op);
     }
 
     pub fn handle(&self, node: &Node, from: NodeId, msg: Message) -> Result<(), String> {
@@ -250,8 +256,12 @@ impl Leader {
         &self,
         node: Arc<Node>,
     ) -> Result<std::thread::JoinHandle<()>, NodeError> {
-        let (tx, rx) = mpsc::channel();
-        *self.futex.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx);
+        let rx = self
+            .futex_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| NodeError::Run("node 0: the futex thread started twice".into()))?;
         std::thread::Builder::new()
             .name("futex".into())
             .spawn(move || futex_loop(&node, rx))

@@ -422,7 +422,23 @@ impl Node {
                     },
                 );
             }
-            if slot.wait_woken(&self.stop).is_none() {
+            let since = Instant::now();
+            let mut warned = false;
+            let woken = slot.wait(&self.stop, |i| {
+                if !warned && since.elapsed() > Duration::from_secs(2) {
+                    warned = true;
+                    tracing::warn!(
+                        node = self.me,
+                        page = format_args!("{page:#x}"),
+                        ?want,
+                        home,
+                        issued = issue,
+                        "still waiting for a page after 2 s"
+                    );
+                }
+                std::mem::take(&mut i.woken).then_some(())
+            });
+            if woken.is_none() {
                 return Err(format!("node {}: the run stopped", self.me));
             }
             if issue {

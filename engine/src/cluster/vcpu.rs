@@ -33,8 +33,13 @@ enum Flow {
     Parked,
 }
 
+/// Consecutive EFAULTs at one instruction with all its pages present before giving up.
+const SPURIOUS_LIMIT: u32 = 10_000;
+
 struct Ctx {
     history: History,
+    /// The last EFAULT that found nothing missing: its rip and how often in a row.
+    spurious: (u64, u32),
     /// The instruction the vCPU arrived to re-execute, until its first fault here.
     arrived_rip: Option<u64>,
 }
@@ -63,6 +68,7 @@ fn vcpu_loop(node: &Node, vcpu: &mut Vcpu, mut here: bool) -> Result<(), String>
     let mut ctx = Ctx {
         history: History::default(),
         arrived_rip: None,
+        spurious: (0, 0),
     };
     if here {
         node.resident.fetch_add(1, Ordering::Relaxed);
@@ -272,10 +278,20 @@ fn write_fault(
         }
     }
     let Some((page, want)) = target else {
-        return Err(format!(
-            "node {me}: vCPU {id}: KVM_RUN failed with EFAULT at rip {:#x}, and no page the instruction uses is missing",
-            regs.rip
-        ));
+        // Another thread brought the page meanwhile: run the instruction again. A fault
+        // that keeps coming back with every page present is a bug, not a race.
+        ctx.spurious = if ctx.spurious.0 == regs.rip {
+            (regs.rip, ctx.spurious.1 + 1)
+        } else {
+            (regs.rip, 1)
+        };
+        if ctx.spurious.1 > SPURIOUS_LIMIT {
+            return Err(format!(
+                "node {me}: vCPU {id}: KVM_RUN keeps failing with EFAULT at rip {:#x}, though every page the instruction uses is here",
+                regs.rip
+            ));
+        }
+        return Ok(Flow::Continue);
     };
     {
         let _g = node.lock(page);

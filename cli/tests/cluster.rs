@@ -1,0 +1,389 @@
+//! Clusters of real node processes running real KVM guests (issue: distribution).
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn flotilla(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .output()
+        .expect("flotilla runs")
+}
+
+fn kvm() -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        return true;
+    }
+    if std::env::var("FLOTILLA_SKIP_KVM").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: /dev/kvm is not usable and FLOTILLA_SKIP_KVM=1");
+        return false;
+    }
+    panic!("this test needs read-write /dev/kvm; set FLOTILLA_SKIP_KVM=1 to skip KVM tests");
+}
+
+fn json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+/// Small arguments: every workload shares pages across nodes within a second or so.
+const SMALL: [(&str, &str); 7] = [
+    ("stream", "n=3000 reps=2"),
+    ("matmul", "n=20"),
+    ("bfs", "vertices=1500 degree=4"),
+    ("kvstore", "ops=4000 keys=800"),
+    ("sort", "n=4000"),
+    ("queue", "items=1500 capacity=16"),
+    ("chase", "nodes=800 steps=1500"),
+];
+
+fn run_cluster(workload: &str, args: &str, nodes: u16, policy: &str, transport: &str) -> Value {
+    let n = nodes.to_string();
+    let out = flotilla(&[
+        "run",
+        "--workload",
+        workload,
+        "--args",
+        args,
+        "--vcpus",
+        &n,
+        "--nodes",
+        &n,
+        "--policy",
+        policy,
+        "--transport",
+        transport,
+        "--timeout",
+        "60",
+        "--json",
+    ]);
+    json(&out)
+}
+
+#[test]
+fn every_workload_verifies_on_1_to_4_nodes_under_every_policy_and_transport() {
+    if !kvm() {
+        return;
+    }
+    let mut failures = Vec::new();
+    let mut runs = 0;
+    for (workload, args) in SMALL {
+        for nodes in 1..=4u16 {
+            for policy in ["always-page", "always-vcpu", "random", "heuristic"] {
+                for transport in ["tcp", "shm"] {
+                    let v = run_cluster(workload, args, nodes, policy, transport);
+                    runs += 1;
+                    if v["verified"] != Value::Bool(true) || v["nodes"] != nodes {
+                        failures.push(format!(
+                            "{workload} on {nodes} nodes, {policy}, {transport}: {}",
+                            v["error"].as_str().unwrap_or(&v.to_string())
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} runs failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
+
+#[test]
+fn json_summary_has_the_distribution_fields() {
+    if !kvm() {
+        return;
+    }
+    let v = run_cluster("sort", "n=20000", 3, "always-page", "tcp");
+    assert_eq!(v["verified"], true, "{v}");
+    for key in [
+        "nodes",
+        "policy",
+        "transport",
+        "remote_faults",
+        "page_moves",
+        "replicas_made",
+        "invalidations",
+        "vcpu_moves",
+        "bytes_sent",
+    ] {
+        assert!(
+            v[key].is_number() || v[key].is_string(),
+            "{key} missing: {v}"
+        );
+    }
+    assert!(v["remote_faults"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["page_moves"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["bytes_sent"].as_u64().unwrap() > 4096, "{v}");
+    assert!(v["fault_service_us"]["p50"].as_u64().unwrap() > 0, "{v}");
+    let v = run_cluster("stream", "n=3000 reps=2", 2, "always-vcpu", "tcp");
+    assert!(v["vcpu_moves"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["vcpu_move_us"]["p99"].as_u64().is_some(), "{v}");
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+fn build_c(name: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("flotilla-{name}-{}.elf", std::process::id()));
+    let status = Command::new("gcc")
+        .args([
+            "-ffreestanding",
+            "-nostdlib",
+            "-static",
+            "-fno-pie",
+            "-no-pie",
+            "-O2",
+            "-fno-stack-protector",
+        ])
+        .arg("-I")
+        .arg(repo().join("guests/include"))
+        .args(["-Wl,-Ttext-segment=0x400000", "-Wl,--build-id=none", "-o"])
+        .arg(&out)
+        .arg(repo().join(format!("guests/c/{name}.c")))
+        .status()
+        .expect("gcc runs (apt-get install gcc)");
+    assert!(status.success(), "building guests/c/{name}.c failed");
+    out
+}
+
+#[test]
+fn locked_instructions_and_spin_locks_hold_across_nodes() {
+    if !kvm() {
+        return;
+    }
+    let elf = build_c("stress");
+    for (nodes, policy, transport) in [
+        (2, "always-page", "tcp"),
+        (4, "always-page", "shm"),
+        (4, "heuristic", "tcp"),
+        (3, "random", "shm"),
+    ] {
+        let n = nodes.to_string();
+        let vcpus = (2 * nodes).to_string();
+        let out = flotilla(&[
+            "run",
+            "--image",
+            elf.to_str().unwrap(),
+            "--args",
+            "1500",
+            "--vcpus",
+            &vcpus,
+            "--nodes",
+            &n,
+            "--policy",
+            policy,
+            "--transport",
+            transport,
+            "--timeout",
+            "120",
+            "--json",
+        ]);
+        let v = json(&out);
+        let total = 1500 * 2 * nodes as u64;
+        assert_eq!(
+            v["exit_code"], 0,
+            "{nodes} nodes, {policy}, {transport}: {v}"
+        );
+        assert_eq!(v["checksum"], format!("{total:#018x}"), "{v}");
+        assert!(v["invalidations"].as_u64().unwrap() > 0, "{v}");
+    }
+    let _ = std::fs::remove_file(elf);
+}
+
+#[test]
+fn seeded_chaos_with_the_random_policy_is_correct() {
+    if !kvm() {
+        return;
+    }
+    for seed in ["1", "2", "3", "12345"] {
+        let out = flotilla(&[
+            "run",
+            "--workload",
+            "kvstore",
+            "--args",
+            "ops=20000 keys=3000",
+            "--vcpus",
+            "6",
+            "--nodes",
+            "3",
+            "--policy",
+            "random",
+            "--seed",
+            seed,
+            "--timeout",
+            "120",
+            "--json",
+        ]);
+        let v = json(&out);
+        assert_eq!(v["verified"], true, "seed {seed}: {v}");
+        assert!(
+            v["vcpu_moves"].as_u64().unwrap() > 0 && v["page_moves"].as_u64().unwrap() > 0,
+            "{v}"
+        );
+    }
+}
+
+/// The node processes `flotilla run` started (its children).
+fn children(pid: u32) -> Vec<u32> {
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    text.split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+#[test]
+fn killing_a_node_ends_the_run_with_an_error_naming_it() {
+    if !kvm() {
+        return;
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "run",
+            "--workload",
+            "kvstore",
+            "--args",
+            "ops=50000000 keys=100000",
+            "--vcpus",
+            "3",
+            "--nodes",
+            "3",
+            "--policy",
+            "always-page",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let nodes = loop {
+        let c = children(pid);
+        if c.len() == 3 || Instant::now() > deadline {
+            break c;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(nodes.len(), 3, "the three nodes did not start");
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Instant::now();
+    // Node 2 is the third child.
+    // SAFETY: sending SIGKILL to a process this test's child started.
+    unsafe { libc_kill(nodes[2] as i32, 9) };
+    let out = child.wait_with_output().unwrap();
+    let took = killed.elapsed();
+    let v = json(&out);
+    let error = v["error"].as_str().unwrap_or_default();
+    assert!(error.contains("node 2"), "error does not name node 2: {v}");
+    assert!(!out.status.success());
+    assert!(
+        took < Duration::from_secs(10),
+        "the run took {took:?} to end after the kill"
+    );
+}
+
+extern "C" {
+    #[link_name = "kill"]
+    fn libc_kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn a_node_with_the_wrong_secret_is_refused() {
+    if !kvm() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("flotilla-secret-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ports: Vec<String> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect::<Vec<_>>()
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    use std::os::unix::fs::PermissionsExt;
+    let mut configs = Vec::new();
+    for (id, secret) in [
+        (0, "right-secret-0123456789"),
+        (1, "wrong-secret-0123456789"),
+    ] {
+        let secret_file = dir.join(format!("secret{id}"));
+        std::fs::write(&secret_file, secret).unwrap();
+        std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let config = dir.join(format!("node{id}.json"));
+        let body = serde_json::json!({
+            "id": id, "nodes": ports, "secret_file": secret_file, "workload": "sort",
+            "args": "n=1000", "vcpus": 2,
+        });
+        std::fs::write(&config, body.to_string()).unwrap();
+        configs.push(config);
+    }
+    let node0 = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(["node", "--config", configs[0].to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out1 = flotilla(&["node", "--config", configs[1].to_str().unwrap()]);
+    let err1 = String::from_utf8_lossy(&out1.stderr).to_string();
+    assert!(!out1.status.success());
+    assert!(err1.contains("failed authentication"), "{err1}");
+    // SAFETY: killing the node this test started.
+    unsafe { libc_kill(node0.id() as i32, 9) };
+    let out0 = node0.wait_with_output().unwrap();
+    let err0 = String::from_utf8_lossy(&out0.stderr).to_string();
+    assert!(err0.contains("refused a connection"), "{err0}");
+    assert!(
+        !String::from_utf8_lossy(&out0.stdout).contains("exit_code"),
+        "node 0 ran a guest"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn bad_cluster_options_are_named() {
+    for (args, needle) in [
+        (vec!["run", "--nodes", "0"], "--nodes 0"),
+        (
+            vec!["run", "--nodes", "2", "--policy", "nope"],
+            "unknown policy",
+        ),
+        (
+            vec!["run", "--nodes", "2", "--transport", "carrier-pigeon"],
+            "transport",
+        ),
+        (
+            vec!["run", "--nodes", "2", "--vcpu-nodes", "0,5,0,0"],
+            "node 5",
+        ),
+        (
+            vec!["node", "--config", "/nonexistent/cluster.json"],
+            "cannot read",
+        ),
+    ] {
+        let out = flotilla(&args);
+        let text = String::from_utf8_lossy(&out.stderr).to_string()
+            + &String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(text.contains(needle), "{args:?}: {text}");
+    }
+}
