@@ -10,6 +10,23 @@ use serde_json::json;
 pub enum Bench {
     /// Each workload natively (same code, host threads) and as a guest on one node.
     Overhead(OverheadArgs),
+    /// A remote page fault against a bare 4 KiB round trip plus a local install.
+    FaultLatency(ClusterBenchArgs),
+    /// Moving a vCPU against a bare round trip plus capture and restore.
+    VcpuMove(ClusterBenchArgs),
+}
+
+#[derive(Args)]
+pub struct ClusterBenchArgs {
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Runs per transport; each reported number is the median of the runs' values.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Comma-separated transports.
+    #[arg(long, value_delimiter = ',', default_values_t = vec!["tcp".to_string(), "shm".to_string()])]
+    transports: Vec<String>,
 }
 
 #[derive(Args)]
@@ -34,6 +51,8 @@ pub struct OverheadArgs {
 pub fn bench(b: Bench) -> Result<i32> {
     match b {
         Bench::Overhead(a) => overhead(a),
+        Bench::FaultLatency(a) => cluster_bench(a, Kind::Fault),
+        Bench::VcpuMove(a) => cluster_bench(a, Kind::Move),
     }
 }
 
@@ -116,4 +135,177 @@ fn overhead(a: OverheadArgs) -> Result<i32> {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Fault,
+    Move,
+}
+
+/// Bare 4 KiB round trips measured in each run.
+const ECHO_ROUNDS: u32 = 300;
+
+fn sample_list(samples: &serde_json::Value, name: &str) -> Vec<u32> {
+    samples[name]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_u64())
+                .map(|x| x as u32)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn pct(mut v: Vec<u32>, q: f64) -> Option<f64> {
+    (!v.is_empty()).then(|| flotilla_engine::cluster::quantile(&mut v, q) as f64)
+}
+
+/// One guest run for a benchmark: 1 vCPU, 2 nodes.
+fn bench_run(
+    transport: &str,
+    policy: &str,
+    vcpu_node: u16,
+    ram: &str,
+    args: &str,
+    echo: u32,
+) -> Result<crate::cluster::Reported> {
+    let prepared = Workload::Stream.prepare(args).map_err(|e| anyhow!("{e}"))?;
+    let launch = crate::cluster::Launch {
+        nodes: 2,
+        transport: transport.to_string(),
+        policy: policy.to_string(),
+        seed: 1,
+        vcpus: 1,
+        mem: crate::run::default_guest_mem(&prepared, 1),
+        args: args.to_string(),
+        workload: Some("stream".into()),
+        image: None,
+        vcpu_nodes: Some(vec![vcpu_node]),
+        ram: ram.to_string(),
+        timeout: Some(std::time::Duration::from_secs(300)),
+        echo_rounds: echo,
+    };
+    let reported =
+        crate::cluster::launch(&launch)?.map_err(|e| anyhow!("benchmark run failed: {e}"))?;
+    let native = native::run(&prepared, 1).map_err(|e| anyhow!("{e}"))?;
+    if reported.exit_code != 0 || reported.report != Some(native.checksum) {
+        bail!("the benchmark guest did not reproduce the host checksum");
+    }
+    Ok(reported)
+}
+
+fn cluster_bench(a: ClusterBenchArgs, kind: Kind) -> Result<i32> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let mut rows = Vec::new();
+    for t in &a.transports {
+        if flotilla_transport::Kind::from_name(t).is_none() {
+            bail!("transport '{t}': use tcp or shm");
+        }
+        // Per run: p50 and p99 of each measure; the medians across runs are reported.
+        let mut m: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+        for _ in 0..a.runs {
+            let mut put = |k: &'static str, v: Option<f64>| {
+                if let Some(v) = v {
+                    m.entry(k).or_default().push(v);
+                }
+            };
+            match kind {
+                Kind::Fault => {
+                    // vCPU on node 1, data homed on node 0: every first touch is remote.
+                    let r = bench_run(
+                        t,
+                        "always-page",
+                        1,
+                        "contiguous",
+                        "n=100000 reps=1",
+                        ECHO_ROUNDS,
+                    )?;
+                    let f = sample_list(&r.samples, "fault_service_us");
+                    put("fault_p50", pct(f.clone(), 0.5));
+                    put("fault_p99", pct(f, 0.99));
+                    let e = sample_list(&r.samples, "rtt_4k_us");
+                    put("rtt_p50", pct(e.clone(), 0.5));
+                    put("rtt_p99", pct(e, 0.99));
+                    // vCPU on node 0: the same first touches are local installs.
+                    let l = bench_run(t, "always-page", 0, "contiguous", "n=100000 reps=1", 0)?;
+                    put(
+                        "install_p50",
+                        pct(sample_list(&l.samples, "install_us"), 0.5),
+                    );
+                }
+                Kind::Move => {
+                    // Pages interleaved between the nodes: every touch sends the vCPU over.
+                    let r = bench_run(
+                        t,
+                        "always-vcpu",
+                        0,
+                        "interleave",
+                        "n=3000 reps=1",
+                        ECHO_ROUNDS,
+                    )?;
+                    let mv = sample_list(&r.samples, "vcpu_move_us");
+                    put("move_p50", pct(mv.clone(), 0.5));
+                    put("move_p99", pct(mv, 0.99));
+                    let e = sample_list(&r.samples, "rtt_4k_us");
+                    put("rtt_p50", pct(e.clone(), 0.5));
+                    put("rtt_p99", pct(e, 0.99));
+                    put(
+                        "capture_p50",
+                        pct(sample_list(&r.samples, "capture_us"), 0.5),
+                    );
+                    put(
+                        "restore_p50",
+                        pct(sample_list(&r.samples, "restore_us"), 0.5),
+                    );
+                }
+            }
+        }
+        let med = |k: &str| m.get(k).cloned().map(median).unwrap_or(f64::NAN);
+        let row = match kind {
+            Kind::Fault => {
+                let ratio = med("fault_p50") / (med("rtt_p50") + med("install_p50"));
+                if !a.json {
+                    eprintln!(
+                        "{t:<4} fault p50 {:>6.1} us p99 {:>6.1} | rtt 4k p50 {:>6.1} p99 {:>6.1} | install p50 {:>5.1} | ratio {ratio:.2}",
+                        med("fault_p50"), med("fault_p99"), med("rtt_p50"), med("rtt_p99"), med("install_p50")
+                    );
+                }
+                json!({
+                    "name": t,
+                    "fault_us": {"p50": med("fault_p50"), "p99": med("fault_p99")},
+                    "rtt_4k_us": {"p50": med("rtt_p50"), "p99": med("rtt_p99")},
+                    "install_us": {"p50": med("install_p50")},
+                    "ratio": round3(ratio),
+                })
+            }
+            Kind::Move => {
+                let ratio =
+                    med("move_p50") / (med("rtt_p50") + med("capture_p50") + med("restore_p50"));
+                if !a.json {
+                    eprintln!(
+                        "{t:<4} move p50 {:>6.1} us p99 {:>6.1} | rtt 4k p50 {:>6.1} | capture p50 {:>5.1} | restore p50 {:>5.1} | ratio {ratio:.2}",
+                        med("move_p50"), med("move_p99"), med("rtt_p50"), med("capture_p50"), med("restore_p50")
+                    );
+                }
+                json!({
+                    "name": t,
+                    "move_us": {"p50": med("move_p50"), "p99": med("move_p99")},
+                    "rtt_4k_us": {"p50": med("rtt_p50"), "p99": med("rtt_p99")},
+                    "capture_us": {"p50": med("capture_p50")},
+                    "restore_us": {"p50": med("restore_p50")},
+                    "ratio": round3(ratio),
+                })
+            }
+        };
+        rows.push(row);
+    }
+    let out = json!({ "runs": a.runs, "transports": rows });
+    if a.json {
+        println!("{out}");
+    }
+    Ok(0)
 }

@@ -286,10 +286,18 @@ fn killing_a_node_ends_the_run_with_an_error_naming_it() {
     };
     assert_eq!(nodes.len(), 3, "the three nodes did not start");
     std::thread::sleep(Duration::from_millis(1500));
+    let node2 = nodes
+        .iter()
+        .copied()
+        .find(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .unwrap_or_default()
+                .ends_with(b"--id\x002\x00")
+        })
+        .expect("a node process with --id 2");
     let killed = Instant::now();
-    // Node 2 is the third child.
     // SAFETY: sending SIGKILL to a process this test's child started.
-    unsafe { libc_kill(nodes[2] as i32, 9) };
+    unsafe { libc_kill(node2 as i32, 9) };
     let out = child.wait_with_output().unwrap();
     let took = killed.elapsed();
     let v = json(&out);

@@ -26,7 +26,7 @@ const RING_BYTES: usize = 1 << 20;
 const CONTROL_BYTES: usize = 256;
 const SEGMENT_BYTES: usize = 2 * (CONTROL_BYTES + RING_BYTES);
 /// How long a receiver polls an empty ring before sleeping on the doorbell.
-const SPIN: Duration = Duration::from_micros(30);
+const SPIN: Duration = Duration::from_micros(200);
 
 #[repr(C)]
 struct Control {
@@ -398,7 +398,7 @@ impl ShmTransport {
                     break head;
                 }
                 if Instant::now() < spin_until {
-                    std::hint::spin_loop();
+                    std::thread::yield_now();
                     continue;
                 }
                 let bell = c.bell.load(Ordering::SeqCst);

@@ -79,7 +79,13 @@ pub(super) struct Inbox {
 pub(super) struct Slot {
     inbox: Mutex<Inbox>,
     cond: Condvar,
+    /// Set on every delivery: a waiter polls it briefly before sleeping, because a
+    /// futex sleep and wake-up cost more than most answers take to arrive.
+    ready: AtomicBool,
 }
+
+/// How long a waiter polls before sleeping.
+const SLOT_SPIN: Duration = Duration::from_micros(50);
 
 impl Slot {
     fn lock(&self) -> MutexGuard<'_, Inbox> {
@@ -88,6 +94,7 @@ impl Slot {
 
     fn update(&self, f: impl FnOnce(&mut Inbox)) {
         f(&mut self.lock());
+        self.ready.store(true, Ordering::Release);
         self.cond.notify_all();
     }
 
@@ -101,6 +108,10 @@ impl Slot {
         stop: &AtomicBool,
         mut take: impl FnMut(&mut Inbox) -> Option<T>,
     ) -> Option<T> {
+        let spin_until = Instant::now() + SLOT_SPIN;
+        while !self.ready.swap(false, Ordering::Acquire) && Instant::now() < spin_until {
+            std::thread::yield_now();
+        }
         let mut inbox = self.lock();
         loop {
             if let Some(v) = take(&mut inbox) {
