@@ -368,7 +368,7 @@ pub fn launch(l: &Launch) -> Result<std::result::Result<Reported, String>> {
         vcpu_nodes: l.vcpu_nodes.clone(),
         ram: l.ram.clone(),
         timeout_s: l.timeout.map(|t| t.as_secs_f64()),
-        epoch_ns: Some(flotilla_engine_clock()),
+        epoch_ns: Some(cluster::monotonic_ns()),
         echo_rounds: l.echo_rounds,
     };
     // Validate here first, so a bad option fails once, clearly, before any process.
@@ -464,17 +464,6 @@ fn kill_all(children: &mut [Child]) {
         }
         let _ = c.wait();
     }
-}
-
-/// CLOCK_MONOTONIC now, the shared guest-clock epoch of a local cluster.
-fn flotilla_engine_clock() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes the timespec we pass.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// `{p50, p99}` of a list of samples in a result.

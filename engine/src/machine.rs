@@ -717,7 +717,7 @@ impl Drop for RunningMachine {
 }
 
 /// The value of an `out`, zero-extended from 1, 2 or 4 bytes.
-fn le_value(data: &[u8]) -> u32 {
+pub(crate) fn le_value(data: &[u8]) -> u32 {
     let mut bytes = [0u8; 4];
     let n = data.len().min(4);
     bytes[..n].copy_from_slice(&data[..n]);

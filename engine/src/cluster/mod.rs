@@ -25,7 +25,7 @@ use flotilla_transport::{Kind, MeshConfig, NodeStats, Samples, TransportError};
 use std::time::Duration;
 
 pub use flotilla_transport::NodeId;
-pub use node::run_node;
+pub use node::{monotonic_ns, run_node};
 
 /// How guest RAM is spread over the nodes at boot (vCPU stacks always start on their
 /// vCPU's node; the image is replicated read-only everywhere).

@@ -273,7 +273,8 @@ pub(super) struct Node {
     control_changed: Condvar,
 }
 
-pub(super) fn monotonic_ns() -> u64 {
+/// CLOCK_MONOTONIC in nanoseconds: the clock a local cluster's guest epoch is read from.
+pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,

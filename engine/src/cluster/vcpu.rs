@@ -17,6 +17,7 @@ use super::node::{monotonic_ns, Arrival, CoherentView, Node, PageState, Sample, 
 use super::uffd::PAGE;
 use crate::hypercall::{self, result_offset, Hypercall};
 use crate::kvm::{Exit, Flushed, Vcpu, VcpuState};
+use crate::machine::le_value;
 use crate::memory::GuestRead;
 use flotilla_abi::{errno, hypercall as nr, CLOCK_MONOTONIC};
 use flotilla_placement::{Access, Decision, FaultContext, FaultRecord, History};
@@ -603,12 +604,4 @@ fn hypercall(
         Hypercall::Report(value) => node.to_leader(Message::Report { value }),
     }
     Ok(Flow::Continue)
-}
-
-/// The value of an `out`, zero-extended from 1, 2 or 4 bytes.
-fn le_value(data: &[u8]) -> u32 {
-    let mut bytes = [0u8; 4];
-    let n = data.len().min(4);
-    bytes[..n].copy_from_slice(&data[..n]);
-    u32::from_le_bytes(bytes)
 }
