@@ -21,7 +21,7 @@ use crate::machine::le_value;
 use crate::memory::GuestRead;
 use flotilla_abi::{errno, hypercall as nr, CLOCK_MONOTONIC};
 use flotilla_placement::{Access, Decision, FaultContext, FaultRecord, History};
-use flotilla_transport::{wire::CONSOLE_CHUNK_BYTES, Message, Want};
+use flotilla_transport::{wire::CONSOLE_CHUNK_BYTES, Message, NodeId, Want};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
@@ -263,6 +263,8 @@ fn write_fault(
     })?;
     let accesses = decode::memory_accesses(&code[..n], &regs)
         .map_err(|e| format!("node {me}: vCPU {id}: write fault: {e}"))?;
+    // The first page the instruction cannot use as it is: held but never touched
+    // (install it here) or not held well enough (a remote fault).
     let mut target = None;
     'find: for a in &accesses {
         let want = if a.write { Want::Write } else { Want::Read };
@@ -272,13 +274,18 @@ fn write_fault(
             }
             let _g = node.lock(page);
             let (state, populated) = node.state(page);
-            if !state.allows(want) || !populated {
-                target = Some((page, want));
+            if !state.allows(want) {
+                target = Some((page, want, state));
                 break 'find;
+            }
+            if !populated {
+                node.populate(page, state)?;
+                node.sample(Sample::Install, t0.elapsed());
+                return Ok(Flow::Continue);
             }
         }
     }
-    let Some((page, want)) = target else {
+    let Some((page, want, state)) = target else {
         // Another thread brought the page meanwhile: run the instruction again. A fault
         // that keeps coming back with every page present is a bug, not a race.
         ctx.spurious = if ctx.spurious.0 == regs.rip {
@@ -294,17 +301,6 @@ fn write_fault(
         }
         return Ok(Flow::Continue);
     };
-    {
-        let _g = node.lock(page);
-        let (state, populated) = node.state(page);
-        if state.allows(want) {
-            if !populated {
-                node.populate(page, state)?;
-                node.sample(Sample::Install, t0.elapsed());
-            }
-            return Ok(Flow::Continue);
-        }
-    }
     node.counters.remote_faults.fetch_add(1, Ordering::Relaxed);
     let holder = node.hint(page);
     let forced = ctx.arrived_rip.take() == Some(regs.rip);
@@ -313,7 +309,18 @@ fn write_fault(
     } else {
         Access::Read
     };
-    let decision = decide(node, ctx, id, page, access, holder, forced, true);
+    let have_replica = state == PageState::Shared;
+    let decision = decide(
+        node,
+        ctx,
+        id,
+        page,
+        access,
+        holder,
+        have_replica,
+        forced,
+        true,
+    );
     match decision {
         Decision::MovePage => {
             let held = node.acquire(page, want, slot)?;
@@ -327,15 +334,15 @@ fn write_fault(
                 .capture()
                 .map_err(|e| format!("node {me}: capturing vCPU {id}: {e}"))?;
             node.sample(Sample::Capture, t.elapsed());
-            ship(node, id, page, fault_ns, state);
+            ship(node, id, page, holder, fault_ns, state);
             Ok(Flow::Moved)
         }
     }
 }
 
-fn ship(node: &Node, id: u32, page: u64, fault_ns: u64, state: VcpuState) {
+/// Sends a captured vCPU to `holder`, the node the policy chose it to go to.
+fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: VcpuState) {
     node.counters.vcpu_moves.fetch_add(1, Ordering::Relaxed);
-    let holder = node.hint(page);
     node.send(
         holder,
         Message::VcpuMove {
@@ -356,14 +363,11 @@ fn decide(
     id: u32,
     page: u64,
     access: Access,
-    holder: flotilla_transport::NodeId,
+    holder: NodeId,
+    have_replica: bool,
     forced: bool,
     first: bool,
 ) -> Decision {
-    let have_replica = {
-        let _g = node.lock(page);
-        node.state(page).0 == PageState::Shared
-    };
     let decision = if forced || !first || holder == node.me {
         Decision::MovePage
     } else {
@@ -444,7 +448,7 @@ fn fault(
         let page = check_page(node, id, addr, len)?;
         let want = if write { Want::Write } else { Want::Read };
         // This node holds the page but never touched it: install and go on.
-        {
+        let state = {
             let guard = node.lock(page);
             let (state, populated) = node.state(page);
             if state.allows(want) {
@@ -460,7 +464,8 @@ fn fault(
                 first = false;
                 continue;
             }
-        }
+            state
+        };
         node.counters.remote_faults.fetch_add(1, Ordering::Relaxed);
         let holder = node.hint(page);
         let forced = match ctx.arrived_rip.take() {
@@ -468,7 +473,18 @@ fn fault(
             None => false,
         };
         let access = if write { Access::Write } else { Access::Read };
-        let decision = decide(node, ctx, id, page, access, holder, forced, first);
+        let have_replica = state == PageState::Shared;
+        let decision = decide(
+            node,
+            ctx,
+            id,
+            page,
+            access,
+            holder,
+            have_replica,
+            forced,
+            first,
+        );
         first = false;
         match decision {
             Decision::MovePage => {
@@ -502,7 +518,7 @@ fn fault(
                     }
                 }
                 drop(guard);
-                ship(node, id, page, fault_ns, state);
+                ship(node, id, page, holder, fault_ns, state);
                 return Ok(Flow::Moved);
             }
         }
