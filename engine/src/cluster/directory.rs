@@ -112,11 +112,6 @@ impl PageDirectory {
         Some((self.owner[i], self.copyset[i]))
     }
 
-    /// Whether a transaction is in progress on `page`.
-    pub fn is_busy(&self, page: u64) -> bool {
-        self.busy.contains_key(&page)
-    }
-
     /// `from` asks for `page`.
     pub fn request(
         &mut self,
@@ -146,22 +141,8 @@ impl PageDirectory {
         let has_copy = copyset & bit(requester) != 0;
         let mut out = Vec::new();
         let mut acks = 0;
-        let then = match want {
-            Want::Read => {
-                self.copyset[i] |= bit(requester);
-                if has_copy {
-                    (requester, Message::Grant { page })
-                } else {
-                    (
-                        owner,
-                        Message::Fetch {
-                            page,
-                            want,
-                            requester,
-                        },
-                    )
-                }
-            }
+        match want {
+            Want::Read => self.copyset[i] |= bit(requester),
             Want::Write => {
                 // Everyone but the requester drops their copy; the owner's copy is
                 // dropped by the Fetch that moves it, unless the requester already has
@@ -170,33 +151,32 @@ impl PageDirectory {
                 if !has_copy {
                     drop &= !bit(owner);
                 }
-                for node in 0..self.nodes {
-                    if drop & bit(node) != 0 {
-                        out.push((
-                            node,
-                            Message::Invalidate {
-                                page,
-                                owner: requester,
-                            },
-                        ));
-                        acks += 1;
-                    }
+                for node in (0..self.nodes).filter(|&n| drop & bit(n) != 0) {
+                    out.push((
+                        node,
+                        Message::Invalidate {
+                            page,
+                            owner: requester,
+                        },
+                    ));
+                    acks += 1;
                 }
                 self.owner[i] = requester;
                 self.copyset[i] = bit(requester);
-                if has_copy {
-                    (requester, Message::Grant { page })
-                } else {
-                    (
-                        owner,
-                        Message::Fetch {
-                            page,
-                            want,
-                            requester,
-                        },
-                    )
-                }
             }
+        }
+        // A requester that holds the current contents only needs the go-ahead.
+        let then = if has_copy {
+            (requester, Message::Grant { page })
+        } else {
+            (
+                owner,
+                Message::Fetch {
+                    page,
+                    want,
+                    requester,
+                },
+            )
         };
         let then = if acks == 0 {
             out.push(then);

@@ -107,8 +107,7 @@ impl Leader {
             .send(op);
     }
 
-    pub fn handle(&self, node: &Node, from: NodeId, msg: Message) -> Result<(), String> {
-        let _ = node;
+    pub fn handle(&self, from: NodeId, msg: Message) -> Result<(), String> {
         match msg {
             Message::Console { bytes, .. } => {
                 let mut s = self.state();

@@ -721,7 +721,7 @@ impl Node {
             | Message::Fatal { .. }
             | Message::Stats { .. }) => {
                 let leader = self.leader.as_ref().ok_or_else(leader_only)?;
-                leader.handle(self, from, msg)?;
+                leader.handle(from, msg)?;
             }
         }
         Ok(())
