@@ -91,6 +91,14 @@ pub trait Transport: Send + Sync {
     fn close(&self);
 }
 
+/// The link to `to` in a transport's per-peer table.
+pub(crate) fn link_to<L>(links: &[Option<L>], to: NodeId) -> Result<&L, TransportError> {
+    links
+        .get(to as usize)
+        .and_then(Option::as_ref)
+        .ok_or(TransportError::NoLink(to))
+}
+
 /// What a node needs to join its cluster.
 #[derive(Debug, Clone)]
 pub struct MeshConfig {

@@ -12,7 +12,6 @@
 use crate::tcp::{connect_all, read_frame};
 use crate::wire::{self, Message, HEADER_BYTES, MAX_BODY_BYTES};
 use crate::{Handler, MeshConfig, NodeId, Transport, TransportError};
-use std::cell::RefCell;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -130,10 +129,6 @@ pub struct ShmTransport {
     links: Vec<Option<Link>>,
     bytes_sent: AtomicU64,
     closed: AtomicBool,
-}
-
-thread_local! {
-    static FRAME: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 fn map(file: &std::fs::File, path: &str) -> Result<Segment, TransportError> {
@@ -483,15 +478,8 @@ impl Transport for ShmTransport {
     }
 
     fn send(&self, to: NodeId, msg: &Message) -> Result<(), TransportError> {
-        let link = self
-            .links
-            .get(to as usize)
-            .and_then(Option::as_ref)
-            .ok_or(TransportError::NoLink(to))?;
-        FRAME.with(|f| {
-            let mut frame = f.borrow_mut();
-            frame.clear();
-            wire::encode(msg, &mut frame);
+        let link = crate::link_to(&self.links, to)?;
+        wire::with_frame(msg, |frame| {
             let len = frame.len() as u64;
             let _guard = link.tx_lock.lock().unwrap_or_else(|p| p.into_inner());
             let c = link.tx.control();
@@ -509,7 +497,7 @@ impl Transport for ShmTransport {
                 }
                 std::thread::yield_now();
             }
-            link.tx.copy_in(head, &frame);
+            link.tx.copy_in(head, frame);
             c.head.store(head + len, Ordering::SeqCst);
             fence(Ordering::SeqCst);
             if c.sleeping.load(Ordering::SeqCst) != 0 {

@@ -13,7 +13,6 @@
 use crate::auth::{self, Hello};
 use crate::wire::{self, Message, HEADER_BYTES};
 use crate::{Handler, MeshConfig, NodeId, Transport, TransportError};
-use std::cell::RefCell;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,10 +34,6 @@ pub struct TcpTransport {
     links: Vec<Option<Link>>,
     bytes_sent: AtomicU64,
     closed: AtomicBool,
-}
-
-thread_local! {
-    static FRAME: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Listens on this node's address and connects to every peer; returns the authenticated
@@ -347,17 +342,10 @@ impl Transport for TcpTransport {
     }
 
     fn send(&self, to: NodeId, msg: &Message) -> Result<(), TransportError> {
-        let link = self
-            .links
-            .get(to as usize)
-            .and_then(Option::as_ref)
-            .ok_or(TransportError::NoLink(to))?;
-        FRAME.with(|f| {
-            let mut frame = f.borrow_mut();
-            frame.clear();
-            wire::encode(msg, &mut frame);
+        let link = crate::link_to(&self.links, to)?;
+        wire::with_frame(msg, |frame| {
             let mut w = link.writer.lock().unwrap_or_else(|p| p.into_inner());
-            w.write_all(&frame).map_err(|source| TransportError::Io {
+            w.write_all(frame).map_err(|source| TransportError::Io {
                 peer: to,
                 addr: link.addr,
                 what: "sending",

@@ -430,6 +430,21 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
     out[start + 8..start + 12].copy_from_slice(&len.to_le_bytes());
 }
 
+thread_local! {
+    static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Encodes `msg` into this thread's reusable frame buffer and hands the frame to `f`:
+/// senders on the fault path allocate nothing per frame.
+pub fn with_frame<R>(msg: &Message, f: impl FnOnce(&[u8]) -> R) -> R {
+    FRAME.with(|buf| {
+        let mut frame = buf.borrow_mut();
+        frame.clear();
+        encode(msg, &mut frame);
+        f(&frame)
+    })
+}
+
 /// A checked frame header: the body's kind and length.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
