@@ -1,41 +1,9 @@
 //! The `flotilla` command as a user runs it: real processes, real KVM.
 
+mod common;
+
+use common::{build_c, flotilla, json, kvm, stderr};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn flotilla(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(args)
-        .output()
-        .expect("flotilla runs")
-}
-
-fn kvm() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    if std::env::var("FLOTILLA_SKIP_KVM").as_deref() == Ok("1") {
-        eprintln!("SKIPPED: /dev/kvm is not usable and FLOTILLA_SKIP_KVM=1");
-        return false;
-    }
-    panic!("this test needs read-write /dev/kvm; set FLOTILLA_SKIP_KVM=1 to skip KVM tests");
-}
-
-fn json(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}): {stdout}"))
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 #[test]
 fn workloads_lists_one_name_a_line() {
@@ -157,42 +125,12 @@ fn a_non_elf_image_is_refused_in_json_too() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// Builds guests/c/hello.c the way docs/guest-abi.md tells an outside programmer to.
-fn build_c_guest() -> PathBuf {
-    let out = std::env::temp_dir().join(format!("flotilla-hello-{}.elf", std::process::id()));
-    let status = Command::new("gcc")
-        .args([
-            "-ffreestanding",
-            "-nostdlib",
-            "-static",
-            "-fno-pie",
-            "-no-pie",
-            "-O2",
-        ])
-        .arg("-I")
-        .arg(repo().join("guests/include"))
-        .args(["-Wl,-Ttext-segment=0x400000", "-Wl,--build-id=none", "-o"])
-        .arg(&out)
-        .arg(repo().join("guests/c/hello.c"))
-        .status()
-        .expect("gcc runs (apt-get install gcc)");
-    assert!(status.success(), "building the C guest failed");
-    out
-}
-
 #[test]
 fn external_c_guest_runs() {
     if !kvm() {
         return;
     }
-    let elf = build_c_guest();
+    let elf = build_c("hello");
     let out = flotilla(&[
         "run",
         "--image",

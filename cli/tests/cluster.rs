@@ -1,42 +1,11 @@
 //! Clusters of real node processes running real KVM guests (issue: distribution).
 
+mod common;
+
+use common::{build_c, flotilla, json, kvm};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn flotilla(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_flotilla"))
-        .args(args)
-        .output()
-        .expect("flotilla runs")
-}
-
-fn kvm() -> bool {
-    if std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok()
-    {
-        return true;
-    }
-    if std::env::var("FLOTILLA_SKIP_KVM").as_deref() == Ok("1") {
-        eprintln!("SKIPPED: /dev/kvm is not usable and FLOTILLA_SKIP_KVM=1");
-        return false;
-    }
-    panic!("this test needs read-write /dev/kvm; set FLOTILLA_SKIP_KVM=1 to skip KVM tests");
-}
-
-fn json(out: &Output) -> Value {
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not one JSON object ({e}): {stdout}\nstderr: {}",
-            String::from_utf8_lossy(&out.stderr)
-        )
-    })
-}
 
 /// Small arguments: every workload shares pages across nodes within a second or so.
 const SMALL: [(&str, &str); 7] = [
@@ -133,36 +102,6 @@ fn json_summary_has_the_distribution_fields() {
     let v = run_cluster("stream", "n=3000 reps=2", 2, "always-vcpu", "tcp");
     assert!(v["vcpu_moves"].as_u64().unwrap() > 0, "{v}");
     assert!(v["vcpu_move_us"]["p99"].as_u64().is_some(), "{v}");
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-fn build_c(name: &str) -> PathBuf {
-    let out = std::env::temp_dir().join(format!("flotilla-{name}-{}.elf", std::process::id()));
-    let status = Command::new("gcc")
-        .args([
-            "-ffreestanding",
-            "-nostdlib",
-            "-static",
-            "-fno-pie",
-            "-no-pie",
-            "-O2",
-            "-fno-stack-protector",
-        ])
-        .arg("-I")
-        .arg(repo().join("guests/include"))
-        .args(["-Wl,-Ttext-segment=0x400000", "-Wl,--build-id=none", "-o"])
-        .arg(&out)
-        .arg(repo().join(format!("guests/c/{name}.c")))
-        .status()
-        .expect("gcc runs (apt-get install gcc)");
-    assert!(status.success(), "building guests/c/{name}.c failed");
-    out
 }
 
 #[test]

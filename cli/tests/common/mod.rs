@@ -1,0 +1,76 @@
+//! What the CLI integration tests share: running `flotilla`, the KVM guard, parsing its
+//! JSON, and building the C guests the way docs/guest-abi.md tells a programmer to.
+#![allow(dead_code)] // Each test file uses its own subset.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn flotilla(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args(args)
+        .output()
+        .expect("flotilla runs")
+}
+
+pub fn kvm() -> bool {
+    if std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok()
+    {
+        return true;
+    }
+    if std::env::var("FLOTILLA_SKIP_KVM").as_deref() == Ok("1") {
+        eprintln!("SKIPPED: /dev/kvm is not usable and FLOTILLA_SKIP_KVM=1");
+        return false;
+    }
+    panic!("this test needs read-write /dev/kvm; set FLOTILLA_SKIP_KVM=1 to skip KVM tests");
+}
+
+/// Stdout as the one JSON object it must be.
+pub fn json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(stdout.trim()).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {stdout}\nstderr: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })
+}
+
+pub fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// Builds guests/c/NAME.c with gcc into a temporary ELF file.
+pub fn build_c(name: &str) -> PathBuf {
+    let out = std::env::temp_dir().join(format!("flotilla-{name}-{}.elf", std::process::id()));
+    let status = Command::new("gcc")
+        .args([
+            "-ffreestanding",
+            "-nostdlib",
+            "-static",
+            "-fno-pie",
+            "-no-pie",
+            "-O2",
+            "-fno-stack-protector",
+        ])
+        .arg("-I")
+        .arg(repo().join("guests/include"))
+        .args(["-Wl,-Ttext-segment=0x400000", "-Wl,--build-id=none", "-o"])
+        .arg(&out)
+        .arg(repo().join(format!("guests/c/{name}.c")))
+        .status()
+        .expect("gcc runs (apt-get install gcc)");
+    assert!(status.success(), "building guests/c/{name}.c failed");
+    out
+}
