@@ -165,6 +165,40 @@ pub fn decode_out<M: GuestRead>(
     })
 }
 
+// The rules every engine applies when it serves a call, in one place.
+
+/// Answers an `in` hypercall (VCPU_ID, VCPU_COUNT) into `data`; `false` if `port` is
+/// not one.
+pub fn answer_in(port: u16, data: &mut [u8], vcpu: u32, vcpus: u32) -> bool {
+    let value = match number(port) {
+        Some(nr::VCPU_ID) => vcpu,
+        Some(nr::VCPU_COUNT) => vcpus,
+        _ => return false,
+    };
+    let n = data.len().min(4);
+    data[..n].copy_from_slice(&value.to_le_bytes()[..n]);
+    true
+}
+
+/// Whether a console write of `len` bytes to `fd` is served; others get `-EINVAL`.
+pub fn write_accepted(fd: u32, len: u64) -> bool {
+    (fd == 1 || fd == 2) && len <= WRITE_MAX_BYTES
+}
+
+/// CLOCK's result code and nanoseconds; `now_ns` is read only for a known clock.
+pub fn clock(clock_id: u32, now_ns: impl FnOnce() -> u64) -> (i32, u64) {
+    if clock_id == CLOCK_MONOTONIC {
+        (0, now_ns())
+    } else {
+        (-errno::EINVAL, 0)
+    }
+}
+
+/// Whether a futex word address is valid (4-byte aligned); others get `-EINVAL`.
+pub fn futex_word_ok(addr: u64) -> bool {
+    addr.is_multiple_of(4)
+}
+
 /// Offsets of the `result` fields, for writing results back.
 pub mod result_offset {
     use flotilla_abi::*;

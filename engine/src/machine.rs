@@ -16,7 +16,7 @@ use crate::hypercall::{self, result_offset, Hypercall, HypercallError};
 use crate::kvm::{kick, Exit, Hypervisor, KvmError, Vcpu, VcpuState, Vm};
 use crate::loader::{Image, LoadError};
 use crate::memory::{GuestMemory, MemoryError};
-use flotilla_abi::{errno, hypercall as nr, CLOCK_MONOTONIC, STACK_BYTES_DEFAULT};
+use flotilla_abi::{errno, STACK_BYTES_DEFAULT};
 use std::io::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -420,21 +420,14 @@ impl Shared {
                 };
             }
             Exit::IoIn { port, data } => {
-                let value = match hypercall::number(port) {
-                    Some(nr::VCPU_ID) => id,
-                    Some(nr::VCPU_COUNT) => self.vcpus,
-                    _ => {
-                        let source = HypercallError::UnknownPort { port, dir: "in" };
-                        return Err(Error::BadHypercall {
-                            vcpu: id,
-                            rip: vcpu.rip()?,
-                            source,
-                        });
-                    }
-                };
-                let bytes = value.to_le_bytes();
-                let n = data.len().min(4);
-                data[..n].copy_from_slice(&bytes[..n]);
+                if !hypercall::answer_in(port, data, id, self.vcpus) {
+                    let source = HypercallError::UnknownPort { port, dir: "in" };
+                    return Err(Error::BadHypercall {
+                        vcpu: id,
+                        rip: vcpu.rip()?,
+                        source,
+                    });
+                }
                 return Ok(Flow::Continue);
             }
             // Kicked for a pause or the end of the run; the loop looks at the flags.
@@ -489,7 +482,7 @@ impl Shared {
                 buf,
                 len,
             } => {
-                let result = if fd != 1 && fd != 2 || len > hypercall::WRITE_MAX_BYTES {
+                let result = if !hypercall::write_accepted(fd, len) {
                     -(errno::EINVAL as i64)
                 } else {
                     let mut bytes = vec![0u8; len as usize];
@@ -500,11 +493,7 @@ impl Shared {
                 mem.write_obj(block + result_offset::WRITE, &(result as u64))?;
             }
             Hypercall::Clock { block, clock_id } => {
-                let (result, nanos) = if clock_id == CLOCK_MONOTONIC {
-                    (0i32, self.clock_ns())
-                } else {
-                    (-errno::EINVAL, 0)
-                };
+                let (result, nanos) = hypercall::clock(clock_id, || self.clock_ns());
                 mem.write(block + result_offset::CLOCK_RESULT, &result.to_le_bytes())?;
                 mem.write_obj(block + result_offset::CLOCK_NANOS, &nanos)?;
             }
@@ -532,7 +521,7 @@ impl Shared {
                 mem.write(block + result_offset::FUTEX_WAIT, &result.to_le_bytes())?;
             }
             Hypercall::FutexWake { block, addr, count } => {
-                let result = if addr % 4 != 0 {
+                let result = if !hypercall::futex_word_ok(addr) {
                     -errno::EINVAL
                 } else {
                     self.futex.wake(addr, count).min(i32::MAX as u32) as i32

@@ -19,7 +19,7 @@ use crate::hypercall::{self, result_offset, Hypercall};
 use crate::kvm::{Exit, Flushed, Vcpu, VcpuState};
 use crate::machine::le_value;
 use crate::memory::GuestRead;
-use flotilla_abi::{errno, hypercall as nr, CLOCK_MONOTONIC};
+use flotilla_abi::errno;
 use flotilla_placement::{Access, Decision, FaultContext, FaultRecord, History};
 use flotilla_transport::{wire::CONSOLE_CHUNK_BYTES, Message, NodeId, Want};
 use std::sync::atomic::Ordering;
@@ -154,18 +154,10 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
     let what = match exit {
         Exit::IoOut { port, data } => What::Out(port, le_value(data)),
         Exit::IoIn { port, data } => {
-            let value = match hypercall::number(port) {
-                Some(nr::VCPU_ID) => Some(id),
-                Some(nr::VCPU_COUNT) => Some(node.vcpus),
-                _ => None,
-            };
-            match value {
-                Some(v) => {
-                    let n = data.len().min(4);
-                    data[..n].copy_from_slice(&v.to_le_bytes()[..n]);
-                    What::Nothing
-                }
-                None => What::In(port),
+            if hypercall::answer_in(port, data, id, node.vcpus) {
+                What::Nothing
+            } else {
+                What::In(port)
             }
         }
         Exit::Mmio { addr, write, len } => What::Fault(addr, write, len),
@@ -554,7 +546,7 @@ fn hypercall(
             buf,
             len,
         } => {
-            let result = if fd != 1 && fd != 2 || len > hypercall::WRITE_MAX_BYTES {
+            let result = if !hypercall::write_accepted(fd, len) {
                 -(errno::EINVAL as i64)
             } else {
                 let mut bytes = vec![0u8; len as usize];
@@ -571,11 +563,7 @@ fn hypercall(
                 .map_err(mem_err)?;
         }
         Hypercall::Clock { block, clock_id } => {
-            let (result, nanos) = if clock_id == CLOCK_MONOTONIC {
-                (0i32, node.clock_ns())
-            } else {
-                (-errno::EINVAL, 0)
-            };
+            let (result, nanos) = hypercall::clock(clock_id, || node.clock_ns());
             view.write_bytes(block + result_offset::CLOCK_RESULT, &result.to_le_bytes())
                 .map_err(mem_err)?;
             view.write_bytes(block + result_offset::CLOCK_NANOS, &nanos.to_le_bytes())
@@ -588,7 +576,7 @@ fn hypercall(
             flags,
             timeout_ns,
         } => {
-            let result = if flags != 0 || addr % 4 != 0 {
+            let result = if flags != 0 || !hypercall::futex_word_ok(addr) {
                 -errno::EINVAL
             } else {
                 node.to_leader(Message::FutexWait {
@@ -603,7 +591,7 @@ fn hypercall(
                 .map_err(mem_err)?;
         }
         Hypercall::FutexWake { block, addr, count } => {
-            let result = if addr % 4 != 0 {
+            let result = if !hypercall::futex_word_ok(addr) {
                 -errno::EINVAL
             } else {
                 node.to_leader(Message::FutexWake {
