@@ -1,5 +1,6 @@
 //! `flotilla bench …`: measured numbers, never asserted in tests.
 
+use crate::cluster::sample_list;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use flotilla_engine::{ConsoleMode, Machine, MachineConfig};
@@ -145,18 +146,6 @@ enum Kind {
 
 /// Bare 4 KiB round trips measured in each run.
 const ECHO_ROUNDS: u32 = 300;
-
-fn sample_list(samples: &serde_json::Value, name: &str) -> Vec<u32> {
-    samples[name]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_u64())
-                .map(|x| x as u32)
-                .collect()
-        })
-        .unwrap_or_default()
-}
 
 fn pct(mut v: Vec<u32>, q: f64) -> Option<f64> {
     (!v.is_empty()).then(|| flotilla_engine::cluster::quantile(&mut v, q) as f64)

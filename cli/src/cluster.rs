@@ -466,9 +466,9 @@ fn kill_all(children: &mut [Child]) {
     }
 }
 
-/// `{p50, p99}` of a list of samples in a result.
-pub fn percentiles(samples: &Value, name: &str) -> Value {
-    let mut v: Vec<u32> = samples[name]
+/// One list of latency samples (µs) from node 0's result.
+pub fn sample_list(samples: &Value, name: &str) -> Vec<u32> {
+    samples[name]
         .as_array()
         .map(|a| {
             a.iter()
@@ -476,7 +476,12 @@ pub fn percentiles(samples: &Value, name: &str) -> Value {
                 .map(|x| x as u32)
                 .collect()
         })
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+/// `{p50, p99}` of a list of samples in a result.
+pub fn percentiles(samples: &Value, name: &str) -> Value {
+    let mut v = sample_list(samples, name);
     if v.is_empty() {
         return json!({"p50": null, "p99": null});
     }
