@@ -175,6 +175,8 @@ fn bench_run(
         ram: ram.to_string(),
         timeout: Some(std::time::Duration::from_secs(300)),
         echo_rounds: echo,
+        observe: Default::default(),
+        inject_health: Vec::new(),
     };
     let reported =
         crate::cluster::launch(&launch)?.map_err(|e| anyhow!("benchmark run failed: {e}"))?;

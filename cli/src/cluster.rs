@@ -11,7 +11,9 @@
 use crate::parse_size;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use flotilla_engine::cluster::{self, ClusterSpec, NodeSetup, RamPlacement};
+use flotilla_engine::cluster::{
+    self, ClusterSpec, NodeSetup, Observe, RamPlacement, TraceMeta, TraceSetup,
+};
 use flotilla_transport::{Kind, MeshConfig, NodeStats, Samples};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -83,6 +85,71 @@ pub struct NodeArgs {
     /// This node's id (default: the file's `id`).
     #[arg(long)]
     pub id: Option<u16>,
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+    /// Report a health signal with this value whatever /sys says, e.g.
+    /// edac_uncorrectable_errors=3 (repeatable; for tests and drills).
+    #[arg(long, value_parser = flotilla_telemetry::health::parse_injection)]
+    pub inject_health: Vec<(String, f64)>,
+    /// Read health signals from this directory instead of /sys.
+    #[arg(long)]
+    pub sysfs_root: Option<PathBuf>,
+}
+
+/// Telemetry options shared by `flotilla node` and `flotilla run`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct ObserveArgs {
+    /// Serve Prometheus metrics at http://ADDR/metrics. For `flotilla run`, the base
+    /// address: node K listens on port + K.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Record a fault trace into FILE (docs/trace-format.md).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+    /// Sampled access tracking: pages armed per second per node (0 = off).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    pub sample_rate: u32,
+}
+
+impl ObserveArgs {
+    pub fn any(&self) -> bool {
+        self.metrics.is_some() || self.trace.is_some() || self.sample_rate > 0
+    }
+}
+
+/// What a trace records about the run.
+fn trace_meta(file: &ClusterFile, spec: &ClusterSpec, sample_rate: u32) -> TraceMeta {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    TraceMeta {
+        workload: file.workload.clone().unwrap_or_default(),
+        args: spec.args.clone(),
+        image: file
+            .image
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        policy: spec.policy.clone(),
+        transport: file.transport.clone(),
+        engine_version: env!("CARGO_PKG_VERSION").to_string(),
+        host: format!(
+            "{} (Linux {}, {cpus} CPUs)",
+            read("/proc/sys/kernel/hostname"),
+            read("/proc/sys/kernel/osrelease")
+        ),
+        nodes: spec.nodes,
+        vcpus: spec.vcpus,
+        mem_bytes: spec.mem_bytes,
+        seed: spec.seed,
+        started_unix_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
+        sample_rate,
+    }
 }
 
 fn mem_bytes(file: &ClusterFile, vcpus: u32) -> Result<u64> {
@@ -217,6 +284,7 @@ pub fn setup(file: &ClusterFile, id: Option<u16>) -> Result<NodeSetup> {
         timeout,
         echo_rounds: file.echo_rounds,
         epoch_ns: file.epoch_ns,
+        observe: Default::default(),
     })
 }
 
@@ -246,8 +314,18 @@ pub fn node(args: NodeArgs) -> Result<i32> {
     })?;
     let file: ClusterFile = serde_json::from_str(&text)
         .with_context(|| format!("cluster configuration {}", args.config.display()))?;
-    let setup = setup(&file, args.id)?;
+    let mut setup = setup(&file, args.id)?;
     let me = setup.me;
+    setup.observe = Observe {
+        metrics_addr: args.observe.metrics,
+        trace: args.observe.trace.as_ref().map(|path| TraceSetup {
+            path: path.clone(),
+            meta: trace_meta(&file, &setup.spec, args.observe.sample_rate),
+        }),
+        sample_rate: args.observe.sample_rate,
+        sysfs_root: args.sysfs_root.clone(),
+        health_inject: args.inject_health.clone(),
+    };
     match cluster::run_node(setup) {
         Ok(Some(o)) => {
             let result = json!({
@@ -290,6 +368,9 @@ pub struct Launch {
     pub ram: String,
     pub timeout: Option<Duration>,
     pub echo_rounds: u32,
+    pub observe: ObserveArgs,
+    /// Health signals to inject, by node.
+    pub inject_health: Vec<(u16, String, f64)>,
 }
 
 /// What node 0 reported, parsed.
@@ -301,6 +382,8 @@ pub struct Reported {
     pub wall_ms: f64,
     pub totals: Value,
     pub samples: Value,
+    /// Events in the merged trace, if one was recorded.
+    pub trace_events: Option<u64>,
 }
 
 /// A private directory removed on drop.
@@ -373,6 +456,27 @@ pub fn launch(l: &Launch) -> Result<std::result::Result<Reported, String>> {
     };
     // Validate here first, so a bad option fails once, clearly, before any process.
     setup(&file, Some(0))?;
+    let metrics = metrics_addrs(l)?;
+    if let Some(path) = &l.observe.trace {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(dir) = parent.filter(|d| !d.is_dir()) {
+            bail!(
+                "--trace {}: directory {} does not exist",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
+    if let Some((node, _, _)) = l.inject_health.iter().find(|(n, _, _)| *n >= l.nodes) {
+        bail!(
+            "--inject-health: node {node} is not one of the {} nodes",
+            l.nodes
+        );
+    }
+    for (id, addr) in metrics.iter().enumerate() {
+        eprintln!("flotilla: node {id} metrics at http://{addr}/metrics");
+    }
+    let part = |id: u16| dir.0.join(format!("trace.node{id}"));
     let config = dir.0.join("cluster.json");
     std::fs::write(&config, serde_json::to_vec_pretty(&file)?)?;
     let exe = std::env::current_exe().context("finding the flotilla executable")?;
@@ -384,6 +488,7 @@ pub fn launch(l: &Launch) -> Result<std::result::Result<Reported, String>> {
             .arg(&config)
             .arg("--id")
             .arg(id.to_string())
+            .args(node_observe_args(l, id, &metrics, &part(id)))
             .stdin(Stdio::null())
             .stdout(if id == 0 {
                 Stdio::piped()
@@ -441,12 +546,31 @@ pub fn launch(l: &Launch) -> Result<std::result::Result<Reported, String>> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    let clean = children
+        .iter_mut()
+        .all(|c| matches!(c.try_wait(), Ok(Some(s)) if s.success()));
     kill_all(&mut children);
     let line = result.ok_or_else(|| anyhow!("node 0 printed no result"))?;
     let v: Value = serde_json::from_str(&line).context("node 0's result")?;
     if let Some(e) = v.get("error").and_then(Value::as_str) {
         return Ok(Err(e.to_string()));
     }
+    let trace_events = match &l.observe.trace {
+        Some(path) if clean => {
+            let parts: Vec<PathBuf> = (0..l.nodes).map(part).collect();
+            let meta = flotilla_telemetry::trace::read_file(&parts[0])
+                .with_context(|| "node 0's trace")?
+                .meta;
+            let trace = flotilla_telemetry::trace::merge(meta, &parts)?;
+            flotilla_telemetry::trace::write_file(path, &trace)
+                .with_context(|| format!("writing the trace {}", path.display()))?;
+            Some(trace.events.len() as u64)
+        }
+        Some(_) => {
+            bail!("a node did not end cleanly; its trace is incomplete, so none was written")
+        }
+        None => None,
+    };
     Ok(Ok(Reported {
         exit_code: v["exit_code"].as_i64().unwrap_or(-1) as i32,
         report: v["report"].as_u64(),
@@ -454,7 +578,47 @@ pub fn launch(l: &Launch) -> Result<std::result::Result<Reported, String>> {
         wall_ms: v["wall_ms"].as_f64().unwrap_or(0.0),
         totals: v["totals"].clone(),
         samples: v["samples"].clone(),
+        trace_events,
     }))
+}
+
+/// Each node's metrics address: the base address's port plus the node id.
+fn metrics_addrs(l: &Launch) -> Result<Vec<SocketAddr>> {
+    let Some(base) = l.observe.metrics else {
+        return Ok(Vec::new());
+    };
+    if base.port() == 0 {
+        bail!("--metrics {base}: give a real base port (node K listens on port + K)");
+    }
+    (0..l.nodes)
+        .map(|id| {
+            let port = base.port().checked_add(id).ok_or_else(|| {
+                anyhow!("--metrics {base}: port + {id} for node {id} is beyond 65535")
+            })?;
+            Ok(SocketAddr::new(base.ip(), port))
+        })
+        .collect()
+}
+
+/// The telemetry arguments `flotilla node` gets for node `id`.
+fn node_observe_args(l: &Launch, id: u16, metrics: &[SocketAddr], part: &Path) -> Vec<String> {
+    let mut a = Vec::new();
+    if let Some(addr) = metrics.get(id as usize) {
+        a.extend(["--metrics".to_string(), addr.to_string()]);
+    }
+    if l.observe.trace.is_some() {
+        a.extend(["--trace".to_string(), part.display().to_string()]);
+    }
+    if l.observe.sample_rate > 0 {
+        a.extend([
+            "--sample-rate".to_string(),
+            l.observe.sample_rate.to_string(),
+        ]);
+    }
+    for (_, signal, value) in l.inject_health.iter().filter(|(n, _, _)| *n == id) {
+        a.extend(["--inject-health".to_string(), format!("{signal}={value}")]);
+    }
+    a
 }
 
 fn kill_all(children: &mut [Child]) {

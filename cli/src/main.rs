@@ -3,11 +3,14 @@
 //! - `flotilla workloads`: the built-in workload names, one a line.
 //! - `flotilla run …`: run a built-in workload (checked against a host-computed
 //!   reference checksum) or an external guest image.
-//! - `flotilla bench overhead`: each workload natively and as a guest.
+//! - `flotilla node …`: one node of a cluster.
+//! - `flotilla bench …`: benchmarks.
+//! - `flotilla trace stats|export …`: recorded fault traces.
 
 mod bench;
 mod cluster;
 mod run;
+mod trace;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -39,6 +42,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
+    /// Look into recorded fault traces (stats, export).
+    #[command(subcommand)]
+    Trace(trace::TraceCmd),
 }
 
 fn main() {
@@ -75,6 +81,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Run(args) => run::run(args),
         Command::Node(a) => cluster::node(a),
         Command::Bench(b) => bench::bench(b),
+        Command::Trace(t) => trace::trace(t),
     }
 }
 

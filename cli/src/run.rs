@@ -1,6 +1,6 @@
 //! `flotilla run`: one guest on this node.
 
-use crate::cluster::{launch as launch_cluster, percentiles, Launch};
+use crate::cluster::{launch as launch_cluster, percentiles, Launch, ObserveArgs};
 use crate::parse_size;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
@@ -63,6 +63,25 @@ pub struct RunArgs {
     /// Initial spread of guest RAM: contiguous (equal ranges) or interleave (by page).
     #[arg(long, default_value = "contiguous")]
     pub ram: String,
+    /// Metrics, trace and access sampling (any of them runs the guest as a cluster, of
+    /// one node unless --nodes says more).
+    #[command(flatten)]
+    pub observe: ObserveArgs,
+    /// Make node K report a health signal, e.g. 1:thermal_max_celsius=95 (repeatable).
+    #[arg(long, value_name = "NODE:SIGNAL=VALUE", value_parser = parse_node_injection)]
+    pub inject_health: Vec<(u16, String, f64)>,
+}
+
+fn parse_node_injection(s: &str) -> Result<(u16, String, f64), String> {
+    let (node, rest) = s.split_once(':').ok_or_else(|| {
+        format!("'{s}': expected NODE:SIGNAL=VALUE, e.g. 1:thermal_max_celsius=95")
+    })?;
+    let node: u16 = node
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}': '{node}' is not a node id"))?;
+    let (signal, value) = flotilla_telemetry::health::parse_injection(rest)?;
+    Ok((node, signal, value))
 }
 
 /// Nodes of the demo cluster `flotilla run` starts with no options.
@@ -167,7 +186,8 @@ fn execute(plan: &Plan) -> Result<(Outcome, Duration), flotilla_engine::Error> {
 pub fn run(args: RunArgs) -> Result<i32> {
     let plan = plan(&args)?;
     let demo = args.workload.is_none() && args.image.is_none();
-    if let Some(nodes) = args.nodes.or(demo.then_some(DEFAULT_NODES)) {
+    let observed = (args.observe.any() || !args.inject_health.is_empty()).then_some(1);
+    if let Some(nodes) = args.nodes.or(demo.then_some(DEFAULT_NODES)).or(observed) {
         return run_cluster(&args, &plan, nodes);
     }
     let result = execute(&plan);
@@ -273,6 +293,8 @@ fn run_cluster(args: &RunArgs, plan: &Plan, nodes: u16) -> Result<i32> {
         ram: args.ram.clone(),
         timeout: plan.config.timeout,
         echo_rounds: 0,
+        observe: args.observe.clone(),
+        inject_health: args.inject_health.clone(),
     };
     let hex = |v: Option<u64>| v.map(|v| format!("{v:#018x}"));
     let base = json!({
@@ -326,6 +348,7 @@ fn run_cluster(args: &RunArgs, plan: &Plan, nodes: u16) -> Result<i32> {
                 percentiles(&reported.samples, "vcpu_move_us"),
             ),
             ("console", json!(reported.console)),
+            ("trace_events", json!(reported.trace_events)),
         ] {
             obj[k] = v;
         }
@@ -354,6 +377,9 @@ fn run_cluster(args: &RunArgs, plan: &Plan, nodes: u16) -> Result<i32> {
             "  remote faults {}, page moves {} ({} replicas), invalidations {}, vCPU moves {}, {} bytes sent",
             t["remote_faults"], t["page_moves"], t["replicas_made"], t["invalidations"], t["vcpu_moves"], t["bytes_sent"]
         );
+        if let (Some(n), Some(path)) = (reported.trace_events, &args.observe.trace) {
+            println!("  trace: {n} events written to {}", path.display());
+        }
     }
     Ok(if reported.exit_code == 0 && verified != Some(false) {
         0

@@ -87,6 +87,8 @@ pub trait Transport: Send + Sync {
     fn send(&self, to: NodeId, msg: &Message) -> Result<(), TransportError>;
     /// Frame bytes sent so far, headers included.
     fn bytes_sent(&self) -> u64;
+    /// Frame bytes received so far from peers, headers included (keep-alives excluded).
+    fn bytes_received(&self) -> u64;
     /// Closes every link; the handler hears of no further losses.
     fn close(&self);
 }

@@ -128,6 +128,7 @@ pub struct ShmTransport {
     nodes: u16,
     links: Vec<Option<Link>>,
     bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
     closed: AtomicBool,
 }
 
@@ -305,6 +306,7 @@ impl ShmTransport {
             nodes: config.addrs.len() as u16,
             links,
             bytes_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
         let spawn_err = |peer, addr, source| TransportError::Io {
@@ -442,6 +444,7 @@ impl ShmTransport {
             rx.copy_out(tail + HEADER_BYTES as u64, &mut body);
             tail += total;
             c.tail.store(tail, Ordering::Release);
+            self.bytes_received.fetch_add(total, Ordering::Relaxed);
             match wire::decode_body(h, &body) {
                 Ok(msg) => handler.deliver(peer, msg),
                 Err(source) => {
@@ -511,6 +514,10 @@ impl Transport for ShmTransport {
 
     fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.bytes_received.load(Ordering::Relaxed)
     }
 
     fn close(&self) {

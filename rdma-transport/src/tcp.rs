@@ -33,6 +33,7 @@ pub struct TcpTransport {
     nodes: u16,
     links: Vec<Option<Link>>,
     bytes_sent: AtomicU64,
+    bytes_received: AtomicU64,
     closed: AtomicBool,
 }
 
@@ -232,6 +233,7 @@ impl TcpTransport {
             nodes: config.addrs.len() as u16,
             links,
             bytes_sent: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
         for (peer, addr, stream) in readers {
@@ -277,7 +279,11 @@ impl TcpTransport {
         let result = loop {
             match read_frame(&mut stream, &mut header, &mut body, peer, addr, idle) {
                 Ok(Message::Ping) => {}
-                Ok(msg) => handler.deliver(peer, msg),
+                Ok(msg) => {
+                    self.bytes_received
+                        .fetch_add((HEADER_BYTES + body.len()) as u64, Ordering::Relaxed);
+                    handler.deliver(peer, msg)
+                }
                 Err(e) => break e,
             }
         };
@@ -359,6 +365,10 @@ impl Transport for TcpTransport {
 
     fn bytes_sent(&self) -> u64 {
         self.bytes_sent.load(Ordering::Relaxed)
+    }
+
+    fn bytes_received(&self) -> u64 {
+        self.bytes_received.load(Ordering::Relaxed)
     }
 
     fn close(&self) {

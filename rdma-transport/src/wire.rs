@@ -9,7 +9,7 @@
 use crate::NodeId;
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FLTL");
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 pub const HEADER_BYTES: usize = 12;
 pub const PAGE_BYTES: usize = 4096;
 /// Largest body of any frame: a vCPU state, or a console chunk.
@@ -109,10 +109,12 @@ pub enum Message {
         requester: NodeId,
     },
     /// Home → owner: send the page to `requester` (and drop or downgrade your copy).
+    /// `copies`: how many nodes held a copy when the home took the request.
     Fetch {
         page: u64,
         want: Want,
         requester: NodeId,
+        copies: u8,
     },
     /// Home → replica holder: drop your read-only copy; `owner` is the next writer.
     Invalidate {
@@ -124,14 +126,17 @@ pub enum Message {
         page: u64,
     },
     /// Owner or home → requester: the page's contents; `want` says how to install it.
+    /// `copies` is passed on from the home's `Fetch`.
     PageData {
         page: u64,
         want: Want,
         data: Box<[u8; PAGE_BYTES]>,
+        copies: u8,
     },
     /// Home → requester: you hold the current contents; you now own the page.
     Grant {
         page: u64,
+        copies: u8,
     },
     /// Requester → home: the page is installed and used; the home may go on.
     Done {
@@ -334,27 +339,41 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             page,
             want,
             requester,
-        }
-        | Message::Fetch {
-            page,
-            want,
-            requester,
         } => {
             w.u64(*page);
             w.u8(want_byte(*want));
             w.u16(*requester);
         }
+        Message::Fetch {
+            page,
+            want,
+            requester,
+            copies,
+        } => {
+            w.u64(*page);
+            w.u8(want_byte(*want));
+            w.u16(*requester);
+            w.u8(*copies);
+        }
         Message::Invalidate { page, owner } => {
             w.u64(*page);
             w.u16(*owner);
         }
-        Message::InvalidateAck { page } | Message::Grant { page } | Message::Done { page } => {
-            w.u64(*page)
+        Message::InvalidateAck { page } | Message::Done { page } => w.u64(*page),
+        Message::Grant { page, copies } => {
+            w.u64(*page);
+            w.u8(*copies);
         }
-        Message::PageData { page, want, data } => {
+        Message::PageData {
+            page,
+            want,
+            data,
+            copies,
+        } => {
             w.u64(*page);
             w.u8(want_byte(*want));
             w.bytes(&data[..]);
+            w.u8(*copies);
         }
         Message::VcpuMove {
             vcpu,
@@ -496,10 +515,12 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
         }
     };
     match kind {
-        K_PAGE_REQUEST | K_FETCH => exact(11)?,
+        K_PAGE_REQUEST => exact(11)?,
+        K_FETCH => exact(12)?,
         K_INVALIDATE => exact(10)?,
-        K_INVALIDATE_ACK | K_GRANT | K_DONE | K_REPORT => exact(8)?,
-        K_PAGE_DATA => exact(9 + PAGE_BYTES)?,
+        K_INVALIDATE_ACK | K_DONE | K_REPORT => exact(8)?,
+        K_GRANT => exact(9)?,
+        K_PAGE_DATA => exact(10 + PAGE_BYTES)?,
         K_VCPU_MOVE => at_most(28, MAX_BODY_BYTES)?,
         K_ECHO => exact(1 + PAGE_BYTES)?,
         K_FUTEX_WAIT => exact(24)?,
@@ -535,6 +556,14 @@ pub fn decode_body(header: Header, body: &[u8]) -> Result<Message, WireError> {
             value: v as u64,
         }),
     };
+    let copies = |r: &mut Reader| match r.u8()? {
+        v if v as usize <= crate::MAX_NODES => Ok(v),
+        v => Err(WireError::Field {
+            kind,
+            field: "copies",
+            value: v as u64,
+        }),
+    };
     let msg = match header.kind {
         K_PAGE_REQUEST => Message::PageRequest {
             page: r.u64()?,
@@ -545,6 +574,7 @@ pub fn decode_body(header: Header, body: &[u8]) -> Result<Message, WireError> {
             page: r.u64()?,
             want: want(&mut r)?,
             requester: r.u16()?,
+            copies: copies(&mut r)?,
         },
         K_INVALIDATE => Message::Invalidate {
             page: r.u64()?,
@@ -556,9 +586,18 @@ pub fn decode_body(header: Header, body: &[u8]) -> Result<Message, WireError> {
             let want = want(&mut r)?;
             let mut data = Box::new([0u8; PAGE_BYTES]);
             data.copy_from_slice(r.take(PAGE_BYTES)?);
-            Message::PageData { page, want, data }
+            let n = copies(&mut r)?;
+            Message::PageData {
+                page,
+                want,
+                data,
+                copies: n,
+            }
         }
-        K_GRANT => Message::Grant { page: r.u64()? },
+        K_GRANT => Message::Grant {
+            page: r.u64()?,
+            copies: copies(&mut r)?,
+        },
         K_DONE => Message::Done { page: r.u64()? },
         K_VCPU_MOVE => Message::VcpuMove {
             vcpu: r.u32()?,
@@ -751,6 +790,7 @@ mod tests {
                 page: u64::MAX,
                 want: Want::Read,
                 requester: 0,
+                copies: 64,
             },
             Message::Invalidate { page: 1, owner: 2 },
             Message::InvalidateAck { page: 1 },
@@ -758,8 +798,9 @@ mod tests {
                 page: 9,
                 want: Want::Read,
                 data,
+                copies: 2,
             },
-            Message::Grant { page: 3 },
+            Message::Grant { page: 3, copies: 1 },
             Message::Done { page: 3 },
             Message::VcpuMove {
                 vcpu: 3,
@@ -827,7 +868,7 @@ mod tests {
     #[test]
     fn bad_frames_are_named() {
         let mut buf = Vec::new();
-        encode(&Message::Grant { page: 1 }, &mut buf);
+        encode(&Message::Grant { page: 1, copies: 1 }, &mut buf);
         let mut bad = buf.clone();
         bad[0] ^= 1;
         assert!(matches!(decode(&bad), Err(WireError::Magic(_))));

@@ -15,6 +15,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
             page: 9,
             want: Want::Read,
             data: Box::new([5u8; PAGE_BYTES]),
+            copies: 3,
         },
         Message::VcpuMove {
             vcpu: 1,

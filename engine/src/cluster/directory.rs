@@ -166,8 +166,9 @@ impl PageDirectory {
             }
         }
         // A requester that holds the current contents only needs the go-ahead.
+        let copies = copyset.count_ones() as u8;
         let then = if has_copy {
-            (requester, Message::Grant { page })
+            (requester, Message::Grant { page, copies })
         } else {
             (
                 owner,
@@ -175,6 +176,7 @@ impl PageDirectory {
                     page,
                     want,
                     requester,
+                    copies,
                 },
             )
         };
@@ -352,6 +354,7 @@ mod tests {
                     page,
                     want,
                     requester,
+                    copies,
                 } => {
                     let c = &mut self.caches[x];
                     let p = page as usize;
@@ -372,6 +375,7 @@ mod tests {
                                 page,
                                 want,
                                 data: data(v),
+                                copies,
                             },
                         )],
                     );
@@ -383,7 +387,9 @@ mod tests {
                         vec![(home(page, self.n), Message::InvalidateAck { page })],
                     );
                 }
-                Message::PageData { page, want, data } => {
+                Message::PageData {
+                    page, want, data, ..
+                } => {
                     let c = &mut self.caches[x];
                     let p = page as usize;
                     if c.state[p] != St::Invalid || c.pending[p].is_none() {
@@ -397,7 +403,7 @@ mod tests {
                     c.value[p] = u64::from_le_bytes(data[..8].try_into().unwrap());
                     c.arrived[p] = true;
                 }
-                Message::Grant { page } => {
+                Message::Grant { page, .. } => {
                     let c = &mut self.caches[x];
                     let p = page as usize;
                     let Some(want) = c.pending[p] else {

@@ -22,8 +22,11 @@ use crate::kvm::KvmError;
 use crate::loader::LoadError;
 use crate::memory::MemoryError;
 use flotilla_transport::{Kind, MeshConfig, NodeStats, Samples, TransportError};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
+pub use flotilla_telemetry::trace::TraceMeta;
 pub use flotilla_transport::NodeId;
 pub use node::{monotonic_ns, run_node};
 
@@ -109,6 +112,29 @@ pub struct NodeSetup {
     /// CLOCK_MONOTONIC nanoseconds at which the guest clock reads 0 (nodes on one host
     /// share it); `None`: this node's start.
     pub epoch_ns: Option<u64>,
+    pub observe: Observe,
+}
+
+/// What a node tells the outside world while it runs (all off by default).
+#[derive(Debug, Clone, Default)]
+pub struct Observe {
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Record this node's fault trace into a file.
+    pub trace: Option<TraceSetup>,
+    /// Sampled access tracking: pages armed per second (0 = off). See `sampler`.
+    pub sample_rate: u32,
+    /// Read health signals from this tree instead of `/sys`.
+    pub sysfs_root: Option<PathBuf>,
+    /// Health signals to report whatever `/sys` says.
+    pub health_inject: Vec<(String, f64)>,
+}
+
+/// Where a node records its trace, and the run it describes.
+#[derive(Debug, Clone)]
+pub struct TraceSetup {
+    pub path: PathBuf,
+    pub meta: TraceMeta,
 }
 
 /// The end of a cluster run, as node 0 reports it.

@@ -9,6 +9,8 @@
 //! sending, and the directory lock is never held together with a page lock.
 
 use super::directory::{Outgoing, PageDirectory};
+#[path = "sampler.rs"]
+mod sampler;
 use super::leader::Leader;
 use super::uffd::{Userfault, PAGE};
 use super::vcpu;
@@ -19,11 +21,19 @@ use crate::loader::Image;
 use crate::memory::{GuestMemory, GuestRead, MemoryError};
 use flotilla_abi::IMAGE_MIN_ADDR;
 use flotilla_placement::Policy;
+use flotilla_telemetry::health::HealthReader;
+use flotilla_telemetry::http::MetricsServer;
+use flotilla_telemetry::metrics::{Direction, NodeMetrics, Snapshot};
+use flotilla_telemetry::record::Recorder;
+use flotilla_telemetry::trace::{Event, EventKind, ACCESS_READ, ACCESS_WRITE, NONE16};
 use flotilla_transport::{
     wire::MAX_SAMPLES, Handler, Message, NodeStats, Samples, Transport, TransportError, Want,
 };
+use sampler::Armed;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -61,6 +71,7 @@ impl PageState {
 
 /// What a vCPU that is not running here is waiting for.
 pub(super) struct Arrival {
+    pub from: NodeId,
     pub page: u64,
     pub fault_ns: u64,
     pub clock_ns: u64,
@@ -252,6 +263,9 @@ pub(super) struct Node {
     states: Vec<AtomicU8>,
     locks: Vec<Mutex<()>>,
     hints: Vec<AtomicU16>,
+    /// Copies of the page the home counted when this node last got it (`u8::MAX`: not
+    /// known yet).
+    copies: Vec<AtomicU8>,
     heat: Vec<AtomicU8>,
     pub placement: Placement,
     directory: Mutex<PageDirectory>,
@@ -265,6 +279,12 @@ pub(super) struct Node {
     pub threads: Mutex<Vec<Option<libc::pthread_t>>>,
     pub counters: Counters,
     pub samples: Mutex<SampleSet>,
+    pub metrics: NodeMetrics,
+    recorder: Option<Recorder>,
+    health: HealthReader,
+    /// Pages the access sampler took away, with their contents (see `sampler`).
+    armed: Mutex<HashMap<u64, Armed>>,
+    armed_count: AtomicUsize,
     epoch: Instant,
     epoch_offset_ns: u64,
     clock_floor_ns: AtomicU64,
@@ -329,13 +349,84 @@ impl Node {
         h.store(if v >= 32 { v / 2 } else { v + 1 }, Ordering::Relaxed);
     }
 
-    /// Installs zeros under a page this node holds but never touched. Under its lock.
-    pub fn populate(&self, page: u64, state: PageState) -> Result<(), String> {
+    /// Installs a page this node holds but has not mapped: the contents the access
+    /// sampler took away, or zeros for a page never touched. Under its lock. Returns when
+    /// the sampler armed the page, if it did (the access is a sample).
+    pub fn populate(&self, page: u64, state: PageState) -> Result<Option<u64>, String> {
+        let armed = self.take_armed(page);
+        let data = armed.as_ref().map_or(&ZERO_PAGE, |a| &*a.data);
         self.uffd
-            .install(page * PAGE, &ZERO_PAGE, state == PageState::Shared)
+            .install(page * PAGE, data, state == PageState::Shared)
             .map_err(|e| format!("node {}: {e}", self.me))?;
         self.set_state(page, state, true);
-        Ok(())
+        Ok(armed.map(|a| a.at_ns))
+    }
+
+    /// Removes the sampler's copy of a page. Under its lock.
+    fn take_armed(&self, page: u64) -> Option<Armed> {
+        if self.armed_count.load(Ordering::Acquire) == 0 {
+            return None;
+        }
+        let a = self
+            .armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&page)?;
+        self.armed_count.fetch_sub(1, Ordering::AcqRel);
+        Some(a)
+    }
+
+    /// Copies the sampler's copy of a page into `out`, if it has one. Under its lock.
+    fn copy_armed(&self, page: u64, out: &mut [u8; PAGE as usize]) -> bool {
+        if self.armed_count.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let armed = self.armed.lock().unwrap_or_else(|p| p.into_inner());
+        match armed.get(&page) {
+            Some(a) => {
+                out.copy_from_slice(&a.data[..]);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether this node records a trace.
+    pub fn tracing(&self) -> bool {
+        self.recorder.is_some()
+    }
+
+    /// A trace event of this node, now.
+    pub fn event(&self, kind: EventKind, vcpu: u32, page: u64) -> Event {
+        Event {
+            t_ns: self.clock_ns(),
+            page,
+            vcpu: vcpu.min(NONE16 as u32) as u16,
+            node: self.me,
+            peer: NONE16,
+            replicas: NONE16,
+            kind: kind as u8,
+            ..Default::default()
+        }
+    }
+
+    pub fn record(&self, e: Event) {
+        if let Some(r) = &self.recorder {
+            r.record(e);
+            self.metrics.trace_event();
+        }
+    }
+
+    /// Copies of the page the home counted when this node last got it, if known.
+    pub fn copies(&self, page: u64) -> u16 {
+        match self.copies[self.index(page)].load(Ordering::Relaxed) {
+            u8::MAX => NONE16,
+            c => c as u16,
+        }
+    }
+
+    fn set_copies(&self, page: u64, copies: u8) {
+        self.copies[self.index(page)].store(copies, Ordering::Relaxed);
     }
 
     pub fn home(&self, page: u64) -> NodeId {
@@ -490,7 +581,13 @@ impl Node {
     }
 
     /// Home → this node (the owner): send the page to `requester`.
-    fn serve_fetch(&self, page: u64, want: Want, requester: NodeId) -> Result<(), String> {
+    fn serve_fetch(
+        &self,
+        page: u64,
+        want: Want,
+        requester: NodeId,
+        copies: u8,
+    ) -> Result<(), String> {
         let me = self.me;
         let uffd_err = |e| format!("node {me}: {e}");
         let mut data = Box::new([0u8; PAGE as usize]);
@@ -511,6 +608,9 @@ impl Node {
                 self.memory
                     .read(gpa, &mut data[..])
                     .map_err(|e| format!("node {me}: {e}"))?;
+            } else {
+                // Not mapped: the sampler's copy, or a page never touched (zeros).
+                self.copy_armed(page, &mut data);
             }
             match want {
                 Want::Read => self.set_state(page, PageState::Shared, populated),
@@ -518,17 +618,41 @@ impl Node {
                     if populated {
                         self.uffd.drop_pages(gpa, PAGE).map_err(uffd_err)?;
                     }
+                    self.take_armed(page);
                     self.set_state(page, PageState::Invalid, false);
                     self.set_hint(page, requester);
                     self.bump_heat(page);
                 }
             }
         }
-        self.send(requester, Message::PageData { page, want, data });
+        self.metrics.page_move(Direction::Out);
+        if self.tracing() {
+            let mut e = self.event(EventKind::PageOut, u32::MAX, page);
+            e.peer = requester;
+            e.access = want_access(want);
+            e.replicas = copies as u16;
+            self.record(e);
+        }
+        self.send(
+            requester,
+            Message::PageData {
+                page,
+                want,
+                data,
+                copies,
+            },
+        );
         Ok(())
     }
 
-    fn install(&self, page: u64, want: Want, data: &[u8; PAGE as usize]) -> Result<(), String> {
+    fn install(
+        &self,
+        page: u64,
+        want: Want,
+        data: &[u8; PAGE as usize],
+        copies: u8,
+        from: NodeId,
+    ) -> Result<(), String> {
         let me = self.me;
         {
             let _g = self.lock(page);
@@ -551,9 +675,18 @@ impl Node {
             if !read_only {
                 self.set_hint(page, me);
             }
+            self.set_copies(page, copies);
             self.bump_heat(page);
         }
         self.counters.page_moves.fetch_add(1, Ordering::Relaxed);
+        self.metrics.page_move(Direction::In);
+        if self.tracing() {
+            let mut e = self.event(EventKind::PageIn, u32::MAX, page);
+            e.peer = from;
+            e.access = want_access(want);
+            e.replicas = copies as u16;
+            self.record(e);
+        }
         if want == Want::Read {
             self.counters.replicas_made.fetch_add(1, Ordering::Relaxed);
         }
@@ -563,7 +696,7 @@ impl Node {
         Ok(())
     }
 
-    fn grant(&self, page: u64) -> Result<(), String> {
+    fn grant(&self, page: u64, copies: u8) -> Result<(), String> {
         let me = self.me;
         let want = self
             .waiting
@@ -589,6 +722,7 @@ impl Node {
                 self.set_state(page, PageState::Owned, populated);
                 self.set_hint(page, me);
             }
+            self.set_copies(page, copies);
         }
         self.wake_waiters(page);
         Ok(())
@@ -605,10 +739,17 @@ impl Node {
                     .map_err(|e| format!("node {me}: {e}"))?;
             }
             self.set_state(page, PageState::Invalid, false);
+            self.take_armed(page);
             self.set_hint(page, owner);
             self.bump_heat(page);
         }
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        self.metrics.invalidation();
+        if self.tracing() {
+            let mut e = self.event(EventKind::Invalidate, u32::MAX, page);
+            e.peer = owner;
+            self.record(e);
+        }
         self.send(from, Message::InvalidateAck { page });
         Ok(())
     }
@@ -646,12 +787,13 @@ impl Node {
                 page,
                 want,
                 requester,
+                copies,
             } => {
                 self.page_msg_check(page, from, name)?;
                 if requester >= self.nodes {
                     return Err(format!("node {from}: Fetch for unknown node {requester}"));
                 }
-                self.serve_fetch(page, want, requester)?;
+                self.serve_fetch(page, want, requester, copies)?;
             }
             Message::Invalidate { page, owner } => {
                 self.page_msg_check(page, from, name)?;
@@ -662,13 +804,18 @@ impl Node {
                 let out = self.directory().invalidate_ack(page, from);
                 self.route(out.map_err(|e| e.to_string())?);
             }
-            Message::PageData { page, want, data } => {
+            Message::PageData {
+                page,
+                want,
+                data,
+                copies,
+            } => {
                 self.page_msg_check(page, from, name)?;
-                self.install(page, want, &data)?;
+                self.install(page, want, &data, copies, from)?;
             }
-            Message::Grant { page } => {
+            Message::Grant { page, copies } => {
                 self.page_msg_check(page, from, name)?;
-                self.grant(page)?;
+                self.grant(page, copies)?;
             }
             Message::Done { page } => {
                 self.page_msg_check(page, from, name)?;
@@ -688,6 +835,7 @@ impl Node {
                     .ok_or_else(|| format!("node {from} sent unknown vCPU {vcpu}"))?;
                 slot.update(|i| {
                     i.arrival = Some(Arrival {
+                        from,
                         page,
                         fault_ns,
                         clock_ns,
@@ -786,6 +934,27 @@ impl Node {
         }
     }
 
+    /// Updates the metrics kept elsewhere and renders them (one scrape).
+    fn scrape(&self) -> String {
+        let pages_resident = self
+            .states
+            .iter()
+            .filter(|s| PageState::from_bits(s.load(Ordering::Relaxed)) != PageState::Invalid)
+            .count() as u64;
+        let (bytes_sent, bytes_received) = self
+            .transport
+            .get()
+            .map_or((0, 0), |t| (t.bytes_sent(), t.bytes_received()));
+        self.metrics.refresh(&Snapshot {
+            bytes_sent,
+            bytes_received,
+            pages_resident,
+            vcpus_resident: self.resident.load(Ordering::Relaxed) as u64,
+            health: self.health.read(),
+        });
+        self.metrics.encode()
+    }
+
     fn take_samples(&self) -> Samples {
         std::mem::take(
             &mut self
@@ -808,6 +977,14 @@ impl Node {
             self.sample(Sample::Rtt, t.elapsed());
         }
         Ok(())
+    }
+}
+
+/// The trace's access kind for a coherence want.
+pub(super) fn want_access(want: Want) -> u8 {
+    match want {
+        Want::Read => ACCESS_READ,
+        Want::Write => ACCESS_WRITE,
     }
 }
 
@@ -925,6 +1102,7 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
         timeout,
         echo_rounds,
         epoch_ns,
+        observe,
     } = setup;
     let started = Instant::now();
     check_spec(&spec, me)?;
@@ -1021,6 +1199,22 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
     let policy = flotilla_placement::by_name(&spec.policy, spec.seed, me)
         .map_err(|e| NodeError::Config(e.to_string()))?;
     let epoch_offset_ns = epoch_ns.map_or(0, |e| monotonic_ns().saturating_sub(e));
+    let recorder = match &observe.trace {
+        Some(t) => Some(Recorder::create(&t.path, &t.meta).map_err(|e| {
+            NodeError::Config(format!(
+                "cannot create trace file {}: {e}",
+                t.path.display()
+            ))
+        })?),
+        None => None,
+    };
+    let health = match &observe.sysfs_root {
+        Some(root) => HealthReader::with_root(root),
+        None => HealthReader::new(),
+    };
+    for (signal, value) in &observe.health_inject {
+        health.inject(signal, *value);
+    }
     let node = Arc::new(Node {
         me,
         nodes: spec.nodes,
@@ -1031,6 +1225,7 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
         states,
         locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
         hints,
+        copies: (0..count).map(|_| AtomicU8::new(u8::MAX)).collect(),
         heat: (0..4096).map(|_| AtomicU8::new(0)).collect(),
         placement,
         directory: Mutex::new(directory),
@@ -1044,6 +1239,11 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
         threads: Mutex::new(vec![None; spec.vcpus as usize]),
         counters: Counters::default(),
         samples: Mutex::new(SampleSet::default()),
+        metrics: NodeMetrics::new(me),
+        recorder,
+        health,
+        armed: Mutex::new(HashMap::new()),
+        armed_count: AtomicUsize::new(0),
         epoch: Instant::now(),
         epoch_offset_ns,
         clock_floor_ns: AtomicU64::new(0),
@@ -1051,6 +1251,19 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
         control: Mutex::new(Control::default()),
         control_changed: Condvar::new(),
     });
+    let _metrics_server = match observe.metrics_addr {
+        Some(addr) => {
+            let weak = Arc::downgrade(&node);
+            let server = MetricsServer::start(
+                addr,
+                Arc::new(move || weak.upgrade().map(|n| n.scrape()).unwrap_or_default()),
+            )
+            .map_err(|e| NodeError::Config(format!("node {me}: {e}")))?;
+            tracing::info!(node = me, addr = %server.addr(), "serving metrics");
+            Some(server)
+        }
+        None => None,
+    };
     tracing::debug!(
         node = me,
         setup_ms = started.elapsed().as_millis() as u64,
@@ -1080,6 +1293,15 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
         Some(l) => Some(l.start_futex_thread(Arc::clone(&node))?),
         None => None,
     };
+    if observe.sample_rate > 0 {
+        let n = Arc::clone(&node);
+        let rate = observe.sample_rate;
+        let h = std::thread::Builder::new()
+            .name(format!("n{me}sampler"))
+            .spawn(move || sampler::sampler_thread(n, rate))
+            .map_err(|e| NodeError::Run(format!("node {me}: cannot start the sampler: {e}")))?;
+        threads.push(h);
+    }
     let result = if let Some(leader) = &node.leader {
         let result = leader.wait_end(timeout, run_started);
         // Stop everyone, collect their stats, say goodbye.
@@ -1144,6 +1366,15 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
             _ => Ok(None),
         }
     };
+    if let Some(r) = &node.recorder {
+        match r.finish() {
+            Ok(n) => tracing::debug!(node = me, events = n, "trace written"),
+            Err(e) => {
+                tracing::error!(node = me, error = %e, "trace");
+                return Err(NodeError::Run(format!("node {me}: {e}")));
+            }
+        }
+    }
     result
 }
 

@@ -13,7 +13,9 @@
 //! brings the page, and a second MMIO fragment of one instruction always brings its page.
 
 use super::decode;
-use super::node::{monotonic_ns, Arrival, CoherentView, Node, PageState, Sample, Slot};
+use super::node::{
+    monotonic_ns, want_access, Arrival, CoherentView, Node, PageState, Sample, Slot,
+};
 use super::uffd::PAGE;
 use crate::hypercall::{self, result_offset, Hypercall};
 use crate::kvm::{Exit, Flushed, Vcpu, VcpuState};
@@ -21,10 +23,12 @@ use crate::machine::le_value;
 use crate::memory::GuestRead;
 use flotilla_abi::errno;
 use flotilla_placement::{Access, Decision, FaultContext, FaultRecord, History};
+use flotilla_telemetry::metrics::Direction;
+use flotilla_telemetry::trace::{self, flags, EventKind};
 use flotilla_transport::{wire::CONSOLE_CHUNK_BYTES, Message, NodeId, Want};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 enum Flow {
     Continue,
@@ -119,13 +123,20 @@ fn arrive(node: &Node, vcpu: &mut Vcpu, a: Arrival) -> Result<u64, String> {
         .map_err(|e| format!("node {me}: restoring vCPU {id}: {e}"))?;
     node.sample(Sample::Restore, t.elapsed());
     let now = monotonic_ns();
+    let moved = Duration::from_nanos(now.saturating_sub(a.fault_ns));
     if a.fault_ns <= now {
-        node.sample(
-            Sample::VcpuMove,
-            std::time::Duration::from_nanos(now - a.fault_ns),
-        );
+        node.sample(Sample::VcpuMove, moved);
+        node.metrics.vcpu_move_time(moved.as_secs_f64());
     }
+    node.metrics.vcpu_move(Direction::In);
     node.raise_clock(a.clock_ns);
+    if node.tracing() {
+        let mut e = node.event(EventKind::VcpuIn, id, a.page);
+        e.peer = a.from;
+        e.rip = state.regs.rip;
+        e.service_ns = nanos(moved);
+        node.record(e);
+    }
     tracing::trace!(node = me, vcpu = id, page = a.page, "vCPU arrived");
     Ok(state.regs.rip)
 }
@@ -195,7 +206,12 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
                 }
                 let present = {
                     let _g = node.lock(page);
-                    node.state(page).0 != PageState::Invalid
+                    let (state, populated) = node.state(page);
+                    if state != PageState::Invalid && !populated {
+                        node.populate(page, state)?;
+                        fetched = true;
+                    }
+                    state != PageState::Invalid
                 };
                 if !present {
                     let held = node.acquire(page, Want::Read, slot)?;
@@ -271,8 +287,10 @@ fn write_fault(
                 break 'find;
             }
             if !populated {
-                node.populate(page, state)?;
-                node.sample(Sample::Install, t0.elapsed());
+                match node.populate(page, state)? {
+                    Some(armed_ns) => note_sample(node, id, page, want, regs.rip, armed_ns),
+                    None => node.sample(Sample::Install, t0.elapsed()),
+                }
                 return Ok(Flow::Continue);
             }
         }
@@ -293,7 +311,7 @@ fn write_fault(
         }
         return Ok(Flow::Continue);
     };
-    node.counters.remote_faults.fetch_add(1, Ordering::Relaxed);
+    count_fault(node, want);
     let holder = node.hint(page);
     let forced = ctx.arrived_rip.take() == Some(regs.rip);
     let access = if want == Want::Write {
@@ -302,7 +320,7 @@ fn write_fault(
         Access::Read
     };
     let have_replica = state == PageState::Shared;
-    let decision = decide(
+    let (decision, ruled) = decide(
         node,
         ctx,
         id,
@@ -313,11 +331,19 @@ fn write_fault(
         forced,
         true,
     );
+    let mut fault = Fault {
+        page,
+        want,
+        holder,
+        rip: regs.rip,
+        flags: flag_bits(ruled, have_replica, true),
+        clock_ns: node.clock_ns(),
+    };
     match decision {
         Decision::MovePage => {
             let held = node.acquire(page, want, slot)?;
             node.release(held, page);
-            node.sample(Sample::FaultService, t0.elapsed());
+            served(node, id, &fault, t0.elapsed());
             Ok(Flow::Continue)
         }
         Decision::MoveVcpu => {
@@ -326,9 +352,95 @@ fn write_fault(
                 .capture()
                 .map_err(|e| format!("node {me}: capturing vCPU {id}: {e}"))?;
             node.sample(Sample::Capture, t.elapsed());
+            fault.rip = state.regs.rip;
+            shipped(node, id, &fault, t.elapsed());
             ship(node, id, page, holder, fault_ns, state);
             Ok(Flow::Moved)
         }
+    }
+}
+
+/// A remote fault, for the metrics and the trace.
+struct Fault {
+    page: u64,
+    want: Want,
+    holder: NodeId,
+    rip: u64,
+    flags: u8,
+    /// Guest clock at the fault.
+    clock_ns: u64,
+}
+
+fn flag_bits(ruled: bool, had_replica: bool, decoded: bool) -> u8 {
+    let mut f = 0;
+    if ruled {
+        f |= flags::FORCED;
+    }
+    if had_replica {
+        f |= flags::HAD_REPLICA;
+    }
+    if decoded {
+        f |= flags::DECODED;
+    }
+    f
+}
+
+fn nanos(d: Duration) -> u32 {
+    d.as_nanos().min(u32::MAX as u128) as u32
+}
+
+fn count_fault(node: &Node, want: Want) {
+    node.counters.remote_faults.fetch_add(1, Ordering::Relaxed);
+    node.metrics.remote_fault(want == Want::Write);
+}
+
+fn fault_event(node: &Node, id: u32, f: &Fault, decision: u8, service: Duration) {
+    let mut e = node.event(EventKind::RemoteFault, id, f.page);
+    e.t_ns = f.clock_ns;
+    e.rip = f.rip;
+    e.peer = f.holder;
+    e.access = want_access(f.want);
+    e.decision = decision;
+    e.flags = f.flags;
+    e.service_ns = nanos(service);
+    if decision == trace::DECISION_MOVE_PAGE {
+        e.replicas = node.copies(f.page);
+    }
+    node.record(e);
+}
+
+/// A remote fault served by bringing the page.
+fn served(node: &Node, id: u32, f: &Fault, service: Duration) {
+    node.sample(Sample::FaultService, service);
+    node.metrics.fault_service(service.as_secs_f64());
+    if node.tracing() {
+        fault_event(node, id, f, trace::DECISION_MOVE_PAGE, service);
+    }
+}
+
+/// A remote fault served by sending the vCPU to the page (captured in `capture`).
+fn shipped(node: &Node, id: u32, f: &Fault, capture: Duration) {
+    node.metrics.vcpu_move(Direction::Out);
+    if node.tracing() {
+        fault_event(node, id, f, trace::DECISION_MOVE_VCPU, capture);
+        let mut e = node.event(EventKind::VcpuOut, id, f.page);
+        e.peer = f.holder;
+        e.rip = f.rip;
+        e.access = want_access(f.want);
+        e.service_ns = nanos(capture);
+        node.record(e);
+    }
+}
+
+/// A sampled access (the page was armed by the sampler at `armed_ns`).
+fn note_sample(node: &Node, id: u32, page: u64, want: Want, rip: u64, armed_ns: u64) {
+    node.metrics.access_sample();
+    if node.tracing() {
+        let mut e = node.event(EventKind::AccessSample, id, page);
+        e.rip = rip;
+        e.access = want_access(want);
+        e.service_ns = nanos(Duration::from_nanos(e.t_ns.saturating_sub(armed_ns)));
+        node.record(e);
     }
 }
 
@@ -347,7 +459,7 @@ fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: V
     );
 }
 
-/// Asks the policy, unless a progress rule decides.
+/// Asks the policy, unless a progress rule decides (then the flag is set).
 #[allow(clippy::too_many_arguments)]
 fn decide(
     node: &Node,
@@ -359,8 +471,9 @@ fn decide(
     have_replica: bool,
     forced: bool,
     first: bool,
-) -> Decision {
-    let decision = if forced || !first || holder == node.me {
+) -> (Decision, bool) {
+    let ruled = forced || !first || holder == node.me;
+    let decision = if ruled {
         Decision::MovePage
     } else {
         let fc = FaultContext {
@@ -376,10 +489,14 @@ fn decide(
             page_heat: node.heat(page),
             history: &ctx.history,
         };
-        node.policy
+        let t = Instant::now();
+        let d = node
+            .policy
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .decide(&fc)
+            .decide(&fc);
+        node.metrics.policy_decision(t.elapsed().as_secs_f64());
+        d
     };
     ctx.history.push(FaultRecord {
         page,
@@ -387,7 +504,7 @@ fn decide(
         holder,
         decision,
     });
-    decision
+    (decision, ruled)
 }
 
 /// Completes the pending access against the page (held by the caller) and flushes it.
@@ -444,13 +561,23 @@ fn fault(
             let guard = node.lock(page);
             let (state, populated) = node.state(page);
             if state.allows(want) {
-                if !populated {
-                    node.populate(page, state)?;
-                }
+                let armed = if populated {
+                    None
+                } else {
+                    node.populate(page, state)?
+                };
+                // RIP before completing the access moves it on (an ioctl: only if traced).
+                let rip = if armed.is_some() && node.tracing() {
+                    vcpu.rip().unwrap_or(0)
+                } else {
+                    0
+                };
                 let flushed = complete(node, vcpu, addr, write)?;
                 drop(guard);
-                if !populated {
-                    node.sample(Sample::Install, t0.elapsed());
+                match armed {
+                    Some(armed_ns) => note_sample(node, id, page, want, rip, armed_ns),
+                    None if !populated => node.sample(Sample::Install, t0.elapsed()),
+                    None => {}
                 }
                 next = after(node, id, flushed)?;
                 first = false;
@@ -458,7 +585,7 @@ fn fault(
             }
             state
         };
-        node.counters.remote_faults.fetch_add(1, Ordering::Relaxed);
+        count_fault(node, want);
         let holder = node.hint(page);
         let forced = match ctx.arrived_rip.take() {
             Some(rip) => vcpu.rip().map_err(|e| format!("node {me}: {e}"))? == rip,
@@ -466,7 +593,7 @@ fn fault(
         };
         let access = if write { Access::Write } else { Access::Read };
         let have_replica = state == PageState::Shared;
-        let decision = decide(
+        let (decision, ruled) = decide(
             node,
             ctx,
             id,
@@ -478,12 +605,23 @@ fn fault(
             first,
         );
         first = false;
+        let mut fault = Fault {
+            page,
+            want,
+            holder,
+            rip: 0,
+            flags: flag_bits(ruled, have_replica, false),
+            clock_ns: node.clock_ns(),
+        };
         match decision {
             Decision::MovePage => {
+                if node.tracing() {
+                    fault.rip = vcpu.rip().unwrap_or(0);
+                }
                 let held = node.acquire(page, want, slot)?;
                 let flushed = complete(node, vcpu, addr, write);
                 node.release(held, page);
-                node.sample(Sample::FaultService, t0.elapsed());
+                served(node, id, &fault, t0.elapsed());
                 next = after(node, id, flushed?)?;
             }
             Decision::MoveVcpu => {
@@ -499,6 +637,8 @@ fn fault(
                     .capture()
                     .map_err(|e| format!("node {me}: capturing vCPU {id}: {e}"))?;
                 node.sample(Sample::Capture, t.elapsed());
+                fault.rip = state.regs.rip;
+                shipped(node, id, &fault, t.elapsed());
                 // Flush the stale access while the page cannot arrive here.
                 for _ in 0..8 {
                     match vcpu.flush().map_err(|e| format!("node {me}: {e}"))? {

@@ -1,0 +1,117 @@
+//! Sampled access tracking, after Linux NUMA balancing's hinting faults.
+//!
+//! A remote fault only shows the accesses the recording policy happened to make remote.
+//! To replay a trace under another policy we also need what each vCPU touches locally.
+//! Every [`TICK`] the sampler walks on through this node's pages (round-robin, as NUMA
+//! balancing's scanner walks an address space) and *arms* the next `rate × TICK` pages
+//! it holds and has mapped: it saves the contents, unmaps the page (userfaultfd makes it
+//! missing again) and remembers it. The next guest access to an armed page traps like
+//! any missing page; the fault path finds the saved copy, maps it back, and records an
+//! `access_sample` event (vCPU, page, read or write, RIP, time since armed). Pages not
+//! touched within a tick are mapped back at the start of the next one.
+//!
+//! Captured: the first access by any vCPU of this node to each armed page, per tick.
+//! Not captured: later accesses in the same tick, instruction fetches (code pages are
+//! never armed), pages this node does not hold (those show up as remote faults), pages
+//! below the coherent range (boot structures), and the engine's own accesses (hypercall
+//! buffers). Cost: arming one page is a write-protect (owned pages), a 4 KiB copy and
+//! an unmap; a hit is one trap plus a map (the `bench trace-overhead` numbers).
+
+use super::{Node, PageState};
+use crate::cluster::uffd::PAGE;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often the sampler arms a new batch of pages.
+pub(super) const TICK: Duration = Duration::from_millis(10);
+/// Pages examined per page armed, at most, so a node holding few pages does not spin.
+const SCAN_PER_ARMED: u64 = 64;
+
+/// A page the sampler took away: its contents, and when (guest clock).
+pub(crate) struct Armed {
+    pub data: Box<[u8; PAGE as usize]>,
+    pub at_ns: u64,
+}
+
+impl Node {
+    /// Arms `page` if this node holds and maps it.
+    fn arm(&self, page: u64) -> Result<bool, String> {
+        let me = self.me;
+        let err = |e: &dyn std::fmt::Display| format!("node {me}: access sampler: {e}");
+        let _g = self.lock(page);
+        let (state, populated) = self.state(page);
+        if state == PageState::Invalid || !populated {
+            return Ok(false);
+        }
+        let gpa = page * PAGE;
+        if state == PageState::Owned {
+            // Stop local writers before copying; they trap and wait for the page lock.
+            self.uffd.protect(gpa, PAGE, true).map_err(|e| err(&e))?;
+        }
+        let mut data = Box::new([0u8; PAGE as usize]);
+        self.memory.read(gpa, &mut data[..]).map_err(|e| err(&e))?;
+        self.uffd.drop_pages(gpa, PAGE).map_err(|e| err(&e))?;
+        self.set_state(page, state, false);
+        let at_ns = self.clock_ns();
+        let old = self
+            .armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(page, Armed { data, at_ns });
+        if old.is_none() {
+            self.armed_count.fetch_add(1, Ordering::AcqRel);
+        }
+        Ok(true)
+    }
+
+    /// Maps back every page armed before `before_ns` that no access claimed.
+    fn disarm_older(&self, before_ns: u64) -> Result<(), String> {
+        let pages: Vec<u64> = self
+            .armed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, a)| a.at_ns < before_ns)
+            .map(|(&p, _)| p)
+            .collect();
+        for page in pages {
+            let _g = self.lock(page);
+            let (state, populated) = self.state(page);
+            if state != PageState::Invalid && !populated {
+                self.populate(page, state)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The sampler thread: arms about `rate` pages a second until the run stops, then maps
+/// every armed page back.
+pub(super) fn sampler_thread(node: Arc<Node>, rate: u32) {
+    let per_tick = (rate as u64 * TICK.as_millis() as u64 / 1000).max(1);
+    let (first, end) = (node.first_page, node.pages());
+    let mut cursor = first;
+    let result = (|| -> Result<(), String> {
+        while !node.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(TICK);
+            node.disarm_older(node.clock_ns())?;
+            let (mut armed, mut scanned) = (0, 0);
+            while armed < per_tick && scanned < per_tick * SCAN_PER_ARMED && scanned < end - first {
+                let page = cursor;
+                cursor = if cursor + 1 >= end { first } else { cursor + 1 };
+                scanned += 1;
+                if node.placement.image.contains(&page) {
+                    continue;
+                }
+                if node.arm(page)? {
+                    armed += 1;
+                }
+            }
+        }
+        node.disarm_older(u64::MAX)
+    })();
+    if let Err(e) = result {
+        node.fail(e);
+    }
+}
