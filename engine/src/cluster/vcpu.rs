@@ -627,8 +627,10 @@ fn fault(
             Decision::MoveVcpu => {
                 let guard = node.lock(page);
                 if node.state(page).0.allows(want) {
-                    // It arrived meanwhile; the loop completes the access here.
+                    // It arrived meanwhile (another thread brought it): the fault is
+                    // served by that page move; the loop completes the access here.
                     drop(guard);
+                    served(node, id, &fault, t0.elapsed());
                     next = Some((addr, write, len));
                     continue;
                 }

@@ -1,0 +1,507 @@
+//! Telemetry end to end, with real node processes and real KVM: a live Prometheus scrape
+//! of a multi-node run checked by `promtool`, a recorded trace that agrees with the run's
+//! own counters, trace tools, and refused corrupt traces and bad options.
+
+mod common;
+
+use common::{flotilla, json, kvm, stderr};
+use serde_json::Value;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn temp(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("flotilla-tel-{}-{name}", std::process::id()))
+}
+
+/// A base port with `n` free ports after it.
+fn free_base(n: u16) -> u16 {
+    for _ in 0..100 {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let base = l.local_addr().unwrap().port();
+        if base > 65000 {
+            continue;
+        }
+        let rest: Vec<_> = (1..n)
+            .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
+            .collect();
+        if rest.iter().all(|r| r.is_ok()) {
+            return base;
+        }
+    }
+    panic!("no {n} consecutive free ports");
+}
+
+fn scrape(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(
+        &format!("127.0.0.1:{port}").parse().unwrap(),
+        Duration::from_millis(200),
+    )
+    .ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    Some(body.to_string())
+}
+
+/// Samples of the text exposition: `name{labels}` → value.
+fn samples(text: &str) -> HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (k, v) = l.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {l}"));
+            (
+                k.to_string(),
+                v.parse().unwrap_or_else(|_| panic!("bad value in {l}")),
+            )
+        })
+        .collect()
+}
+
+fn sum(s: &HashMap<String, f64>, name: &str) -> f64 {
+    s.iter()
+        .filter(|(k, _)| k.split('{').next() == Some(name))
+        .map(|(_, v)| v)
+        .sum()
+}
+
+fn promtool_check(text: &str) {
+    let child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = child.unwrap_or_else(|e| {
+        panic!("promtool is needed to check the exposition ({e}); apt-get install prometheus")
+    });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed:\n{}{}\n--- text ---\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn a_live_multi_node_run_is_scraped_and_passes_promtool() {
+    if !kvm() {
+        return;
+    }
+    let base = free_base(3);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "run",
+            "--workload",
+            "kvstore",
+            "--args",
+            "ops=60000 keys=20000",
+            "--vcpus",
+            "3",
+            "--nodes",
+            "3",
+            "--policy",
+            "always-page",
+            "--metrics",
+            &format!("127.0.0.1:{base}"),
+            "--inject-health",
+            "1:thermal_max_celsius=97.5",
+            "--sample-rate",
+            "1000",
+            "--timeout",
+            "120",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Scrape every node while the guest runs, until each has served remote faults.
+    let mut got: Vec<Option<String>> = vec![None; 3];
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while got.iter().any(Option::is_none) && Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            break;
+        }
+        for (k, slot) in got.iter_mut().enumerate() {
+            if slot.is_none() {
+                if let Some(text) = scrape(base + k as u16) {
+                    if sum(&samples(&text), "flotilla_remote_faults_total") > 0.0 {
+                        *slot = Some(text);
+                    }
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    let v = json(&out);
+    assert_eq!(v["verified"], true, "{v}\n{}", stderr(&out));
+    let err = stderr(&out);
+    for k in 0..3 {
+        assert!(
+            err.contains(&format!(
+                "node {k} metrics at http://127.0.0.1:{}/metrics",
+                base + k
+            )),
+            "{err}"
+        );
+    }
+    for (k, text) in got.iter().enumerate() {
+        let text = text
+            .as_ref()
+            .unwrap_or_else(|| panic!("node {k} was never scraped with faults during the run"));
+        promtool_check(text);
+        let s = samples(text);
+        let label = format!("node=\"{k}\"");
+        for key in s.keys() {
+            assert!(
+                key.contains(&label),
+                "node {k}: sample without its node label: {key}"
+            );
+        }
+        for name in [
+            "flotilla_remote_faults_total",
+            "flotilla_page_moves_total",
+            "flotilla_vcpu_moves_total",
+            "flotilla_invalidations_total",
+            "flotilla_bytes_total",
+            "flotilla_fault_service_seconds_count",
+            "flotilla_vcpu_move_seconds_count",
+            "flotilla_policy_decision_seconds_count",
+            "flotilla_pages_resident",
+            "flotilla_vcpus_resident",
+        ] {
+            assert!(
+                s.keys().any(|key| key.split('{').next() == Some(name)),
+                "node {k}: {name} missing"
+            );
+        }
+        for kind in ["read", "write"] {
+            assert!(s.contains_key(&format!(
+                "flotilla_remote_faults_total{{kind=\"{kind}\",{label}}}"
+            )));
+        }
+        assert!(sum(&s, "flotilla_pages_resident") > 0.0, "node {k}");
+        assert!(
+            s[&format!("flotilla_bytes_total{{direction=\"sent\",{label}}}")] > 0.0,
+            "node {k}"
+        );
+        // Histogram buckets are cumulative and end at the count.
+        let count = s[&format!("flotilla_fault_service_seconds_count{{{label}}}")];
+        let inf = s[&format!("flotilla_fault_service_seconds_bucket{{{label},le=\"+Inf\"}}")];
+        assert_eq!(count, inf, "node {k}");
+        let injected = format!("flotilla_node_health{{{label},signal=\"thermal_max_celsius\"}}");
+        if k == 1 {
+            assert_eq!(
+                s.get(&injected),
+                Some(&97.5),
+                "node 1: injected health signal"
+            );
+        } else {
+            assert_ne!(
+                s.get(&injected),
+                Some(&97.5),
+                "node {k} got node 1's injection"
+            );
+        }
+    }
+}
+
+fn run_json(args: &[&str]) -> Value {
+    let out = flotilla(args);
+    let v = json(&out);
+    assert_eq!(v["verified"], true, "{v}\n{}", stderr(&out));
+    v
+}
+
+#[test]
+fn a_recorded_trace_agrees_with_the_run_and_exports() {
+    if !kvm() {
+        return;
+    }
+    let file = temp("bfs.ftrace");
+    for (policy, transport) in [("heuristic", "tcp"), ("always-vcpu", "shm")] {
+        let v = run_json(&[
+            "run",
+            "--workload",
+            "bfs",
+            "--args",
+            "vertices=3000 degree=4",
+            "--vcpus",
+            "4",
+            "--nodes",
+            "2",
+            "--policy",
+            policy,
+            "--transport",
+            transport,
+            "--trace",
+            file.to_str().unwrap(),
+            "--sample-rate",
+            "5000",
+            "--timeout",
+            "120",
+            "--json",
+        ]);
+        let out = flotilla(&["trace", "stats", file.to_str().unwrap(), "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let s = json(&out);
+        assert_eq!(s["events"], v["trace_events"], "{s}");
+        assert_eq!(s["workload"], "bfs");
+        assert_eq!(s["policy"], policy);
+        assert_eq!(s["transport"], transport);
+        assert_eq!(s["nodes"], 2);
+        assert_eq!(s["vcpus"], 4);
+        let total = |field: &str| -> u64 {
+            s["per_node"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n[field].as_u64().unwrap())
+                .sum()
+        };
+        // Every fault, move and invalidation the run counted is in the trace.
+        assert_eq!(
+            total("remote_faults"),
+            v["remote_faults"].as_u64().unwrap(),
+            "{policy}: {s}\n{v}"
+        );
+        assert_eq!(
+            total("pages_in"),
+            v["page_moves"].as_u64().unwrap(),
+            "{policy}"
+        );
+        assert_eq!(
+            total("pages_out"),
+            v["page_moves"].as_u64().unwrap(),
+            "{policy}"
+        );
+        assert_eq!(
+            total("invalidations"),
+            v["invalidations"].as_u64().unwrap(),
+            "{policy}"
+        );
+        assert_eq!(
+            total("vcpus_out"),
+            v["vcpu_moves"].as_u64().unwrap(),
+            "{policy}"
+        );
+        assert_eq!(
+            total("vcpus_in"),
+            v["vcpu_moves"].as_u64().unwrap(),
+            "{policy}"
+        );
+        assert!(total("remote_faults") > 0, "{s}");
+        if policy == "always-vcpu" {
+            assert!(total("decided_move_vcpu") > 0, "{s}");
+        }
+        // The sampler saw local accesses as well.
+        assert!(
+            s["by_kind"]["access_sample"].as_u64().unwrap_or(0) > 0,
+            "{s}"
+        );
+        let text = flotilla(&["trace", "stats", file.to_str().unwrap()]);
+        assert!(String::from_utf8_lossy(&text.stdout).contains("sharing degree"));
+    }
+    // Exports: a CSV row per event, and a Parquet file.
+    let csv = temp("bfs.csv");
+    let out = flotilla(&[
+        "trace",
+        "export",
+        file.to_str().unwrap(),
+        "--format",
+        "csv",
+        "-o",
+        csv.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let events = flotilla_json_events(&file);
+    let text = std::fs::read_to_string(&csv).unwrap();
+    assert_eq!(text.lines().count() as u64, events + 1);
+    assert!(
+        text.starts_with("t_ns,kind,node,vcpu,page,access,rip,peer,replicas,decision,service_ns")
+    );
+    let pq = temp("bfs.parquet");
+    let out = flotilla(&[
+        "trace",
+        "export",
+        file.to_str().unwrap(),
+        "--format",
+        "parquet",
+        "-o",
+        pq.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let bytes = std::fs::read(&pq).unwrap();
+    assert!(bytes.starts_with(b"PAR1") && bytes.ends_with(b"PAR1"));
+    for f in [file, csv, pq] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+fn flotilla_json_events(file: &std::path::Path) -> u64 {
+    let out = flotilla(&["trace", "stats", file.to_str().unwrap(), "--json"]);
+    json(&out)["events"].as_u64().unwrap()
+}
+
+#[test]
+fn corrupt_truncated_and_foreign_traces_are_refused_by_name() {
+    if !kvm() {
+        return;
+    }
+    let file = temp("sort.ftrace");
+    run_json(&[
+        "run",
+        "--workload",
+        "sort",
+        "--args",
+        "n=20000",
+        "--vcpus",
+        "2",
+        "--nodes",
+        "2",
+        "--trace",
+        file.to_str().unwrap(),
+        "--json",
+    ]);
+    let good = std::fs::read(&file).unwrap();
+    let bad = temp("bad.ftrace");
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (good[..good.len() / 2].to_vec(), "truncated"),
+        (good[..good.len() - 16].to_vec(), "truncated"),
+        (
+            {
+                let mut b = good.clone();
+                b[40] ^= 0xff;
+                b
+            },
+            "checksum",
+        ),
+        (
+            {
+                let mut b = good.clone();
+                b[8] = 7;
+                b
+            },
+            "version 7",
+        ),
+        (
+            b"#!/bin/sh\necho not a trace\n".to_vec(),
+            "not a Flotilla trace",
+        ),
+        (Vec::new(), "truncated"),
+    ];
+    for (bytes, expect) in cases {
+        std::fs::write(&bad, &bytes).unwrap();
+        for cmd in [
+            vec!["trace", "stats"],
+            vec!["trace", "export", "--format", "csv", "-o", "-"],
+        ] {
+            let mut args = cmd.clone();
+            args.push(bad.to_str().unwrap());
+            let out = flotilla(&args);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+            assert!(
+                stderr(&out).contains(expect),
+                "{args:?}: expected '{expect}': {}",
+                stderr(&out)
+            );
+        }
+    }
+    let out = flotilla(&["trace", "stats", "/nonexistent/trace"]);
+    assert!(
+        stderr(&out).contains("/nonexistent/trace"),
+        "{}",
+        stderr(&out)
+    );
+    for f in [file, bad] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+#[test]
+fn bad_telemetry_options_are_named() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &[
+                "run",
+                "--workload",
+                "sort",
+                "--nodes",
+                "2",
+                "--metrics",
+                "127.0.0.1:0",
+            ],
+            "real base port",
+        ),
+        (
+            &[
+                "run",
+                "--workload",
+                "sort",
+                "--nodes",
+                "2",
+                "--metrics",
+                "localhost",
+            ],
+            "--metrics",
+        ),
+        (
+            &[
+                "run",
+                "--workload",
+                "sort",
+                "--trace",
+                "/nonexistent/dir/t.ftrace",
+            ],
+            "does not exist",
+        ),
+        (
+            &[
+                "run",
+                "--workload",
+                "sort",
+                "--nodes",
+                "2",
+                "--inject-health",
+                "5:x=1",
+            ],
+            "node 5",
+        ),
+        (
+            &[
+                "run",
+                "--workload",
+                "sort",
+                "--inject-health",
+                "0:Bad-Name=1",
+            ],
+            "signal name",
+        ),
+    ];
+    for (args, expect) in cases {
+        let out = flotilla(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            stderr(&out).contains(expect),
+            "{args:?}: expected '{expect}': {}",
+            stderr(&out)
+        );
+    }
+}
