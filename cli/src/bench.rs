@@ -15,7 +15,39 @@ pub enum Bench {
     FaultLatency(ClusterBenchArgs),
     /// Moving a vCPU against a bare round trip plus capture and restore.
     VcpuMove(ClusterBenchArgs),
+    /// Run time with and without trace recording (and with access sampling on top).
+    TraceOverhead(TraceBenchArgs),
 }
+
+#[derive(Args)]
+pub struct TraceBenchArgs {
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Runs of each variant (interleaved); medians are reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Comma-separated workloads (default: all, with medium-sized arguments).
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    #[arg(long, default_value_t = 2)]
+    nodes: u16,
+    /// Sampling rate of the third variant (pages per second per node).
+    #[arg(long, default_value_t = 1000)]
+    sample_rate: u32,
+}
+
+/// Arguments that make each workload run for tens to hundreds of milliseconds on a
+/// 2-node cluster (the datasets use the same).
+pub const MEDIUM_ARGS: [(&str, &str); 7] = [
+    ("stream", "n=200000 reps=5"),
+    ("matmul", "n=96"),
+    ("bfs", "vertices=50000 degree=8"),
+    ("kvstore", "ops=200000 keys=20000"),
+    ("sort", "n=200000"),
+    ("queue", "items=50000 capacity=64"),
+    ("chase", "nodes=20000 steps=50000"),
+];
 
 #[derive(Args)]
 pub struct ClusterBenchArgs {
@@ -54,6 +86,7 @@ pub fn bench(b: Bench) -> Result<i32> {
         Bench::Overhead(a) => overhead(a),
         Bench::FaultLatency(a) => cluster_bench(a, Kind::Fault),
         Bench::VcpuMove(a) => cluster_bench(a, Kind::Move),
+        Bench::TraceOverhead(a) => trace_overhead(a),
     }
 }
 
@@ -299,4 +332,162 @@ fn cluster_bench(a: ClusterBenchArgs, kind: Kind) -> Result<i32> {
         println!("{out}");
     }
     Ok(0)
+}
+
+fn trace_overhead(a: TraceBenchArgs) -> Result<i32> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let names: Vec<String> = if a.workloads.is_empty() {
+        MEDIUM_ARGS.iter().map(|(w, _)| w.to_string()).collect()
+    } else {
+        a.workloads.clone()
+    };
+    let file = std::env::temp_dir().join(format!("flotilla-bench-{}.ftrace", std::process::id()));
+    let mut rows = Vec::new();
+    for name in &names {
+        let (_, args) = MEDIUM_ARGS
+            .iter()
+            .find(|(w, _)| w == name)
+            .ok_or_else(|| anyhow!("unknown workload '{name}'"))?;
+        let w = Workload::from_name(name).ok_or_else(|| anyhow!("unknown workload '{name}'"))?;
+        let prepared = w.prepare(args).map_err(|e| anyhow!("{e}"))?;
+        let reference = native::run(&prepared, 4)
+            .map_err(|e| anyhow!("{e}"))?
+            .checksum;
+        let variants = [
+            ("plain", None, 0),
+            ("trace", Some(file.clone()), 0),
+            ("trace_sampled", Some(file.clone()), a.sample_rate),
+        ];
+        let mut wall: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        let mut events: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        let mut bytes: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
+        for _ in 0..a.runs {
+            for (i, (_, trace, rate)) in variants.iter().enumerate() {
+                let launch = crate::cluster::Launch {
+                    nodes: a.nodes,
+                    transport: "tcp".into(),
+                    policy: "heuristic".into(),
+                    seed: 1,
+                    vcpus: 4,
+                    mem: crate::run::default_guest_mem(&prepared, 4),
+                    args: args.to_string(),
+                    workload: Some(name.clone()),
+                    image: None,
+                    vcpu_nodes: None,
+                    ram: "contiguous".into(),
+                    timeout: Some(std::time::Duration::from_secs(300)),
+                    echo_rounds: 0,
+                    observe: crate::cluster::ObserveArgs {
+                        metrics: None,
+                        trace: trace.clone(),
+                        sample_rate: *rate,
+                    },
+                    inject_health: Vec::new(),
+                };
+                let r = crate::cluster::launch(&launch)?
+                    .map_err(|e| anyhow!("{name}: benchmark run failed: {e}"))?;
+                if r.exit_code != 0 || r.report != Some(reference) {
+                    bail!("{name}: the guest did not reproduce the host checksum");
+                }
+                wall[i].push(r.wall_ms);
+                events[i].push(r.trace_events.unwrap_or(0) as f64);
+                bytes[i].push(
+                    std::fs::metadata(&file).map_or(0, |m| m.len()) as f64
+                        * trace.is_some() as u8 as f64,
+                );
+            }
+        }
+        let _ = std::fs::remove_file(&file);
+        let med: Vec<f64> = wall.into_iter().map(median).collect();
+        let ev: Vec<f64> = events.into_iter().map(median).collect();
+        let by: Vec<f64> = bytes.into_iter().map(median).collect();
+        let pct = |x: f64| round3((x / med[0] - 1.0) * 100.0);
+        if !a.json {
+            eprintln!(
+                "{name:<8} plain {:>8.1} ms | trace {:>8.1} ms ({:+.1}%, {} events, {} KiB) | trace+sampling {:>8.1} ms ({:+.1}%, {} events)",
+                med[0], med[1], pct(med[1]), ev[1], by[1] as u64 / 1024, med[2], pct(med[2]), ev[2]
+            );
+        }
+        rows.push(json!({
+            "workload": name, "args": args,
+            "plain_ms": round3(med[0]), "trace_ms": round3(med[1]),
+            "trace_sampled_ms": round3(med[2]),
+            "trace_overhead_pct": pct(med[1]), "trace_sampled_overhead_pct": pct(med[2]),
+            "trace_events": ev[1], "trace_sampled_events": ev[2], "trace_bytes": by[1],
+        }));
+    }
+    let total = |k: &str| {
+        rows.iter()
+            .map(|r| r[k].as_f64().unwrap_or(0.0))
+            .sum::<f64>()
+    };
+    // What one recorded event costs a recording thread, measured directly: the
+    // end-to-end medians above move by more than that from run to run.
+    let ns_per_event = record_cost(&file)?;
+    let _ = std::fs::remove_file(&file);
+    let estimated = total("trace_events") * ns_per_event / 1e6 / total("plain_ms") * 100.0;
+    let summary = json!({
+        "record_ns_per_event": round3(ns_per_event),
+        "estimated_trace_overhead_pct": round3(estimated),
+        "total_plain_ms": round3(total("plain_ms")),
+        "total_trace_ms": round3(total("trace_ms")),
+        "total_trace_sampled_ms": round3(total("trace_sampled_ms")),
+        "trace_overhead_pct": round3((total("trace_ms") / total("plain_ms") - 1.0) * 100.0),
+        "trace_sampled_overhead_pct": round3((total("trace_sampled_ms") / total("plain_ms") - 1.0) * 100.0),
+    });
+    if a.json {
+        println!(
+            "{}",
+            json!({"runs": a.runs, "nodes": a.nodes, "sample_rate": a.sample_rate, "workloads": rows, "summary": summary})
+        );
+    } else {
+        eprintln!("all      {summary}");
+    }
+    Ok(0)
+}
+
+/// Nanoseconds one `Recorder::record` takes (two threads, 2 M events, file writes
+/// included), median of 5 rounds.
+fn record_cost(file: &std::path::Path) -> Result<f64> {
+    use flotilla_telemetry::record::Recorder;
+    use flotilla_telemetry::trace::{Event, EventKind, TraceMeta, NONE16};
+    const PER_THREAD: u64 = 1_000_000;
+    let meta = TraceMeta {
+        nodes: 1,
+        vcpus: 2,
+        ..Default::default()
+    };
+    let mut rounds = Vec::new();
+    for _ in 0..5 {
+        let r = std::sync::Arc::new(Recorder::create(file, &meta)?);
+        let t = std::time::Instant::now();
+        let threads: Vec<_> = (0..2u16)
+            .map(|v| {
+                let r = std::sync::Arc::clone(&r);
+                std::thread::spawn(move || {
+                    for i in 0..PER_THREAD {
+                        r.record(Event {
+                            t_ns: i,
+                            page: i,
+                            vcpu: v,
+                            peer: NONE16,
+                            replicas: NONE16,
+                            kind: EventKind::RemoteFault as u8,
+                            ..Default::default()
+                        });
+                    }
+                })
+            })
+            .collect();
+        for th in threads {
+            th.join()
+                .map_err(|_| anyhow!("recording thread panicked"))?;
+        }
+        r.finish().map_err(|e| anyhow!(e))?;
+        // Per event, per recording thread (the two threads run in parallel).
+        rounds.push(t.elapsed().as_nanos() as f64 / PER_THREAD as f64);
+    }
+    Ok(median(rounds))
 }
