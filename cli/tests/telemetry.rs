@@ -17,22 +17,19 @@ fn temp(name: &str) -> PathBuf {
     std::env::temp_dir().join(format!("flotilla-tel-{}-{name}", std::process::id()))
 }
 
-/// A base port with `n` free ports after it.
+/// A base port with `n` free ports after it, below the ephemeral range, so the clusters
+/// other tests start (whose nodes listen on ephemeral ports) cannot take them meanwhile.
 fn free_base(n: u16) -> u16 {
-    for _ in 0..100 {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = l.local_addr().unwrap().port();
-        if base > 65000 {
-            continue;
-        }
-        let rest: Vec<_> = (1..n)
+    let start = 20000 + (std::process::id() % 5000) as u16;
+    for base in (start..30000).step_by(n as usize + 1) {
+        let all: Vec<_> = (0..n)
             .map(|i| TcpListener::bind(("127.0.0.1", base + i)))
             .collect();
-        if rest.iter().all(|r| r.is_ok()) {
+        if all.iter().all(|r| r.is_ok()) {
             return base;
         }
     }
-    panic!("no {n} consecutive free ports");
+    panic!("no {n} consecutive free ports between {start} and 30000");
 }
 
 fn scrape(port: u16) -> Option<String> {
@@ -141,7 +138,13 @@ fn a_live_multi_node_run_is_scraped_and_passes_promtool() {
         for (k, slot) in got.iter_mut().enumerate() {
             if slot.is_none() {
                 if let Some(text) = scrape(base + k as u16) {
-                    if sum(&samples(&text), "flotilla_remote_faults_total") > 0.0 {
+                    // A fault is counted before its request goes out: wait for a page
+                    // that came in, so the byte counters have moved too.
+                    let s = samples(&text);
+                    if sum(&s, "flotilla_remote_faults_total") > 0.0
+                        && sum(&s, "flotilla_page_moves_total") > 0.0
+                        && sum(&s, "flotilla_bytes_total") > 0.0
+                    {
                         *slot = Some(text);
                     }
                 }
@@ -199,7 +202,9 @@ fn a_live_multi_node_run_is_scraped_and_passes_promtool() {
         }
         assert!(sum(&s, "flotilla_pages_resident") > 0.0, "node {k}");
         assert!(
-            s[&format!("flotilla_bytes_total{{direction=\"sent\",{label}}}")] > 0.0,
+            s[&format!("flotilla_bytes_total{{direction=\"sent\",{label}}}")]
+                + s[&format!("flotilla_bytes_total{{direction=\"received\",{label}}}")]
+                > 0.0,
             "node {k}"
         );
         // Histogram buckets are cumulative and end at the count.
