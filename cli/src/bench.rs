@@ -35,6 +35,9 @@ pub struct TraceBenchArgs {
     /// Sampling rate of the third variant (pages per second per node).
     #[arg(long, default_value_t = 1000)]
     sample_rate: u32,
+    /// Placement policy of every run.
+    #[arg(long, default_value = "heuristic")]
+    policy: String,
 }
 
 /// Arguments that make each workload run for tens to hundreds of milliseconds on a
@@ -368,7 +371,7 @@ fn trace_overhead(a: TraceBenchArgs) -> Result<i32> {
                 let launch = crate::cluster::Launch {
                     nodes: a.nodes,
                     transport: "tcp".into(),
-                    policy: "heuristic".into(),
+                    policy: a.policy.clone(),
                     seed: 1,
                     vcpus: 4,
                     mem: crate::run::default_guest_mem(&prepared, 4),
@@ -428,7 +431,10 @@ fn trace_overhead(a: TraceBenchArgs) -> Result<i32> {
     let ns_per_event = record_cost(&file)?;
     let _ = std::fs::remove_file(&file);
     let estimated = total("trace_events") * ns_per_event / 1e6 / total("plain_ms") * 100.0;
+    let col = |k: &str| -> Vec<f64> { rows.iter().filter_map(|r| r[k].as_f64()).collect() };
     let summary = json!({
+        "median_trace_overhead_pct": round3(median(col("trace_overhead_pct"))),
+        "median_trace_sampled_overhead_pct": round3(median(col("trace_sampled_overhead_pct"))),
         "record_ns_per_event": round3(ns_per_event),
         "estimated_trace_overhead_pct": round3(estimated),
         "total_plain_ms": round3(total("plain_ms")),
@@ -440,7 +446,7 @@ fn trace_overhead(a: TraceBenchArgs) -> Result<i32> {
     if a.json {
         println!(
             "{}",
-            json!({"runs": a.runs, "nodes": a.nodes, "sample_rate": a.sample_rate, "workloads": rows, "summary": summary})
+            json!({"runs": a.runs, "nodes": a.nodes, "policy": a.policy, "sample_rate": a.sample_rate, "workloads": rows, "summary": summary})
         );
     } else {
         eprintln!("all      {summary}");
