@@ -341,12 +341,26 @@ fn trace_overhead(a: TraceBenchArgs) -> Result<i32> {
     if a.runs == 0 {
         bail!("--runs must be at least 1");
     }
+    // A private directory (created fresh, 0700), so no other user can plant the file.
+    let dir = std::env::temp_dir().join(format!(
+        "flotilla-bench-{}-{}",
+        std::process::id(),
+        flotilla_engine::cluster::monotonic_ns()
+    ));
+    std::fs::create_dir(&dir)?;
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+    let file = dir.join("trace.ftrace");
+    let result = trace_overhead_in(&a, &file);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> {
     let names: Vec<String> = if a.workloads.is_empty() {
         MEDIUM_ARGS.iter().map(|(w, _)| w.to_string()).collect()
     } else {
         a.workloads.clone()
     };
-    let file = std::env::temp_dir().join(format!("flotilla-bench-{}.ftrace", std::process::id()));
     let mut rows = Vec::new();
     for name in &names {
         let (_, args) = MEDIUM_ARGS
@@ -360,8 +374,8 @@ fn trace_overhead(a: TraceBenchArgs) -> Result<i32> {
             .checksum;
         let variants = [
             ("plain", None, 0),
-            ("trace", Some(file.clone()), 0),
-            ("trace_sampled", Some(file.clone()), a.sample_rate),
+            ("trace", Some(file.to_path_buf()), 0),
+            ("trace_sampled", Some(file.to_path_buf()), a.sample_rate),
         ];
         let mut wall: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
         let mut events: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
@@ -397,12 +411,12 @@ fn trace_overhead(a: TraceBenchArgs) -> Result<i32> {
                 wall[i].push(r.wall_ms);
                 events[i].push(r.trace_events.unwrap_or(0) as f64);
                 bytes[i].push(
-                    std::fs::metadata(&file).map_or(0, |m| m.len()) as f64
+                    std::fs::metadata(file).map_or(0, |m| m.len()) as f64
                         * trace.is_some() as u8 as f64,
                 );
             }
         }
-        let _ = std::fs::remove_file(&file);
+        let _ = std::fs::remove_file(file);
         let med: Vec<f64> = wall.into_iter().map(median).collect();
         let ev: Vec<f64> = events.into_iter().map(median).collect();
         let by: Vec<f64> = bytes.into_iter().map(median).collect();
@@ -428,8 +442,8 @@ fn trace_overhead(a: TraceBenchArgs) -> Result<i32> {
     };
     // What one recorded event costs a recording thread, measured directly: the
     // end-to-end medians above move by more than that from run to run.
-    let ns_per_event = record_cost(&file)?;
-    let _ = std::fs::remove_file(&file);
+    let ns_per_event = record_cost(file)?;
+    let _ = std::fs::remove_file(file);
     let estimated = total("trace_events") * ns_per_event / 1e6 / total("plain_ms") * 100.0;
     let col = |k: &str| -> Vec<f64> { rows.iter().filter_map(|r| r[k].as_f64()).collect() };
     let summary = json!({

@@ -466,6 +466,12 @@ pub fn launch(l: &Launch) -> Result<std::result::Result<Reported, String>> {
                 dir.display()
             );
         }
+        if path.is_dir() {
+            bail!(
+                "--trace {}: is a directory; give a file name",
+                path.display()
+            );
+        }
     }
     if let Some((node, _, _)) = l.inject_health.iter().find(|(n, _, _)| *n >= l.nodes) {
         bail!(
@@ -562,8 +568,20 @@ pub fn launch(l: &Launch) -> Result<std::result::Result<Reported, String>> {
                 .with_context(|| "node 0's trace")?
                 .meta;
             let trace = flotilla_telemetry::trace::merge(meta, &parts)?;
-            flotilla_telemetry::trace::write_file(path, &trace)
-                .with_context(|| format!("writing the trace {}", path.display()))?;
+            // Written beside the target, then renamed: a failure never leaves half a file
+            // under the name asked for.
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let staging = path.with_file_name(format!(".{name}.partial"));
+            let written = flotilla_telemetry::trace::write_file(&staging, &trace)
+                .map_err(anyhow::Error::from)
+                .and_then(|_| std::fs::rename(&staging, path).map_err(anyhow::Error::from));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&staging);
+                bail!("writing the trace {}: {e}", path.display());
+            }
             Some(trace.events.len() as u64)
         }
         Some(_) => {

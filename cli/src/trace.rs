@@ -36,7 +36,7 @@ pub enum Format {
 }
 
 fn read(file: &Path) -> Result<trace::Trace> {
-    trace::read_file(file).with_context(|| format!("trace {}", file.display()))
+    trace::read_file(file).map_err(|e| anyhow::anyhow!("trace {}: {e}", file.display()))
 }
 
 pub fn trace(cmd: TraceCmd) -> Result<i32> {
@@ -54,7 +54,6 @@ pub fn trace(cmd: TraceCmd) -> Result<i32> {
             format,
             output,
         } => {
-            let t = read(&file)?;
             let ext = match format {
                 Format::Csv => "csv",
                 Format::Parquet => "parquet",
@@ -67,6 +66,13 @@ pub fn trace(cmd: TraceCmd) -> Result<i32> {
                 let stem = name.trim_end_matches(".gz").trim_end_matches(".ftrace");
                 file.with_file_name(format!("{stem}.{ext}"))
             });
+            if out == file {
+                bail!(
+                    "the output {} is the trace itself; give --output",
+                    out.display()
+                );
+            }
+            let t = read(&file)?;
             match format {
                 Format::Csv if out.as_os_str() == "-" => {
                     export::write_csv(&t, &mut std::io::stdout().lock())?;

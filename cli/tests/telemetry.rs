@@ -442,7 +442,17 @@ fn corrupt_truncated_and_foreign_traces_are_refused_by_name() {
 
 #[test]
 fn bad_telemetry_options_are_named() {
-    let cases: [(&[&str], &str); 5] = [
+    let cases: [(&[&str], &str); 7] = [
+        (
+            &["run", "--workload", "sort", "--trace", "/tmp"],
+            "is a directory",
+        ),
+        (
+            &[
+                "trace", "export", "t.ftrace", "--format", "csv", "-o", "t.ftrace",
+            ],
+            "is the trace itself",
+        ),
         (
             &[
                 "run",

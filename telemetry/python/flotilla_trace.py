@@ -42,7 +42,7 @@ VERSION = 1
 HEADER_BYTES = 16
 BLOCK_HEADER_BYTES = 16
 MAX_BLOCK_BYTES = 16 << 20
-MAX_TRACE_BYTES = 8 << 30
+MAX_TRACE_BYTES = 2 << 30
 BLOCK_EVENTS = 16384  # events per block the writers emit (not a reader limit)
 
 BLOCK_META = 1
@@ -165,19 +165,25 @@ def decision_name(decision: int) -> str:
 
 
 def _gunzip(data: bytes) -> bytes:
-    """Decodes the first gzip member (like flate2's GzDecoder); the rest is ignored."""
-    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
-    try:
-        out = d.decompress(data, MAX_TRACE_BYTES + 1)
-        if len(out) <= MAX_TRACE_BYTES and not d.eof:
-            out += d.flush()
-    except zlib.error as e:
-        raise _corrupt(f"gzip stream: {e}") from None
-    if len(out) > MAX_TRACE_BYTES:
-        raise _too_large()
-    if not d.eof:
-        raise _corrupt("gzip stream: unexpected end of file")
-    return out
+    """Decodes every gzip member in turn (like flate2's MultiGzDecoder)."""
+    out = b""
+    rest = data
+    while True:
+        d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        try:
+            part = d.decompress(rest, MAX_TRACE_BYTES + 1 - len(out))
+            if len(out) + len(part) <= MAX_TRACE_BYTES and not d.eof:
+                part += d.flush()
+        except zlib.error as e:
+            raise _corrupt(f"gzip stream: {e}") from None
+        out += part
+        if len(out) > MAX_TRACE_BYTES:
+            raise _too_large()
+        if not d.eof:
+            raise _corrupt("gzip stream: unexpected end of file")
+        rest = d.unused_data
+        if not rest:
+            return out
 
 
 def _check_event(e: dict, nodes: int, vcpus: int) -> str | None:

@@ -1,7 +1,8 @@
 //! A minimal HTTP/1.1 endpoint for Prometheus scrapes: `GET /metrics` answers the text
 //! exposition, anything else a 404 or 405. One thread, one connection at a time, with
 //! short timeouts and a bounded request, so a slow or hostile client cannot hold the
-//! node up for long or make it allocate much.
+//! node up for long or make it allocate much: a whole exchange gets [`IO_TIMEOUT`], not
+//! each read or write.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -48,10 +49,14 @@ impl MetricsServer {
                     if s.load(Ordering::SeqCst) {
                         break;
                     }
-                    if let Ok(stream) = conn {
-                        if let Err(e) = serve(stream, &render) {
-                            tracing::debug!(error = %e, "metrics request failed");
+                    match conn {
+                        Ok(stream) => {
+                            if let Err(e) = serve(stream, &render) {
+                                tracing::debug!(error = %e, "metrics request failed");
+                            }
                         }
+                        // Out of descriptors, say: do not spin.
+                        Err(_) => std::thread::sleep(Duration::from_millis(10)),
                     }
                 }
             })?;
@@ -79,18 +84,27 @@ impl Drop for MetricsServer {
     }
 }
 
+/// Time left until `deadline`, or a timeout error.
+fn left(deadline: std::time::Instant) -> std::io::Result<Duration> {
+    deadline
+        .checked_duration_since(std::time::Instant::now())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow"))
+}
+
 fn serve(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let deadline = std::time::Instant::now() + IO_TIMEOUT;
     let mut buf = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        stream.set_read_timeout(Some(left(deadline)?))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             break;
         }
         buf.extend_from_slice(&chunk[..n]);
         if buf.len() > MAX_REQUEST_BYTES {
+            stream.set_write_timeout(Some(left(deadline)?))?;
             return respond(
                 &mut stream,
                 "431 Request Header Fields Too Large",
@@ -104,6 +118,9 @@ fn serve(mut stream: TcpStream, render: &Render) -> std::io::Result<()> {
     let mut parts = line.split_whitespace();
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
+    // The body is a few KiB, one write into the socket buffer; a reader too slow even
+    // for that is cut off at the deadline.
+    stream.set_write_timeout(Some(left(deadline)?))?;
     match (method, path) {
         ("GET", "/metrics") => respond(
             &mut stream,
@@ -146,7 +163,8 @@ fn respond(stream: &mut TcpStream, status: &str, kind: &str, body: &str) -> std:
 /// tests and the CLI's own checks.
 pub fn get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    s.set_read_timeout(Some(IO_TIMEOUT))?;
+    // Long enough to wait out one other client's whole exchange.
+    s.set_read_timeout(Some(2 * IO_TIMEOUT + Duration::from_secs(1)))?;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
@@ -194,5 +212,34 @@ mod tests {
         assert!(r.starts_with("HTTP/1.1 431"), "{r}");
         drop(server);
         assert!(TcpStream::connect(addr).is_err());
+    }
+
+    #[test]
+    fn a_dripping_client_cannot_hold_the_endpoint() {
+        let server = MetricsServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::new(|| "flotilla_up 1\n".to_string()),
+        )
+        .unwrap();
+        let addr = server.addr();
+        let drip = std::thread::spawn(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            // One byte every 300 ms: each read is quick, the exchange is not.
+            for _ in 0..15 {
+                if s.write_all(b"G").is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        });
+        std::thread::sleep(Duration::from_millis(100));
+        let t = std::time::Instant::now();
+        assert_eq!(get(addr, "/metrics").unwrap().0, 200);
+        assert!(
+            t.elapsed() < IO_TIMEOUT + Duration::from_secs(1),
+            "{:?}",
+            t.elapsed()
+        );
+        drip.join().unwrap();
     }
 }

@@ -27,6 +27,10 @@ pub struct NodeMetrics {
     remote_faults: IntCounterVec,
     page_moves: IntCounterVec,
     vcpu_moves: IntCounterVec,
+    /// The labelled series the fault path uses, looked up once: read, write; in, out.
+    faults_by_kind: [IntCounter; 2],
+    pages_by_direction: [IntCounter; 2],
+    vcpus_by_direction: [IntCounter; 2],
     invalidations: IntCounter,
     access_samples: IntCounter,
     bytes: IntCounterVec,
@@ -42,8 +46,8 @@ pub struct NodeMetrics {
 /// Which way a page or vCPU went, relative to this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
-    In,
-    Out,
+    In = 0,
+    Out = 1,
 }
 
 impl Direction {
@@ -75,28 +79,40 @@ impl NodeMetrics {
         let latency = must(exponential_buckets(1e-6, 2.0, 23));
         // 100 ns .. about 0.4 s, doubling.
         let decision = must(exponential_buckets(1e-7, 2.0, 23));
+        let remote_faults = must(IntCounterVec::new(
+            opts(
+                "flotilla_remote_faults_total",
+                "Guest accesses to a page this node did not hold well enough, by access kind (read, write).",
+            ),
+            &["kind"],
+        ));
+        let page_moves = must(IntCounterVec::new(
+            opts(
+                "flotilla_page_moves_total",
+                "Pages that arrived at (in) or were sent from (out) this node.",
+            ),
+            &["direction"],
+        ));
+        let vcpu_moves = must(IntCounterVec::new(
+            opts(
+                "flotilla_vcpu_moves_total",
+                "vCPUs that arrived at (in) or left (out) this node.",
+            ),
+            &["direction"],
+        ));
+        // Every labelled series exists from the first scrape on, at zero.
+        let faults_by_kind = ["read", "write"].map(|k| remote_faults.with_label_values(&[k]));
+        let pages_by_direction =
+            [Direction::In, Direction::Out].map(|d| page_moves.with_label_values(&[d.label()]));
+        let vcpus_by_direction =
+            [Direction::In, Direction::Out].map(|d| vcpu_moves.with_label_values(&[d.label()]));
         let m = NodeMetrics {
-            remote_faults: must(IntCounterVec::new(
-                opts(
-                    "flotilla_remote_faults_total",
-                    "Guest accesses to a page this node did not hold well enough, by access kind (read, write).",
-                ),
-                &["kind"],
-            )),
-            page_moves: must(IntCounterVec::new(
-                opts(
-                    "flotilla_page_moves_total",
-                    "Pages that arrived at (in) or were sent from (out) this node.",
-                ),
-                &["direction"],
-            )),
-            vcpu_moves: must(IntCounterVec::new(
-                opts(
-                    "flotilla_vcpu_moves_total",
-                    "vCPUs that arrived at (in) or left (out) this node.",
-                ),
-                &["direction"],
-            )),
+            faults_by_kind,
+            pages_by_direction,
+            vcpus_by_direction,
+            remote_faults,
+            page_moves,
+            vcpu_moves,
             invalidations: must(IntCounter::with_opts(opts(
                 "flotilla_invalidations_total",
                 "Read-only copies this node dropped because another node wrote the page.",
@@ -165,14 +181,6 @@ impl NodeMetrics {
         ] {
             must(m.registry.register(c));
         }
-        // Show every labelled series from the first scrape on, at zero.
-        for kind in ["read", "write"] {
-            m.remote_faults.with_label_values(&[kind]);
-        }
-        for d in [Direction::In, Direction::Out] {
-            m.page_moves.with_label_values(&[d.label()]);
-            m.vcpu_moves.with_label_values(&[d.label()]);
-        }
         for d in ["sent", "received"] {
             m.bytes.with_label_values(&[d]);
         }
@@ -180,17 +188,15 @@ impl NodeMetrics {
     }
 
     pub fn remote_fault(&self, write: bool) {
-        self.remote_faults
-            .with_label_values(&[if write { "write" } else { "read" }])
-            .inc();
+        self.faults_by_kind[write as usize].inc();
     }
 
     pub fn page_move(&self, d: Direction) {
-        self.page_moves.with_label_values(&[d.label()]).inc();
+        self.pages_by_direction[d as usize].inc();
     }
 
     pub fn vcpu_move(&self, d: Direction) {
-        self.vcpu_moves.with_label_values(&[d.label()]).inc();
+        self.vcpus_by_direction[d as usize].inc();
     }
 
     pub fn invalidation(&self) {

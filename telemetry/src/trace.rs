@@ -23,8 +23,9 @@ pub const HEADER_BYTES: usize = 16;
 pub const BLOCK_HEADER_BYTES: usize = 16;
 /// Largest payload a block may have.
 pub const MAX_BLOCK_BYTES: u32 = 16 << 20;
-/// Largest trace (after decompression) a reader accepts.
-pub const MAX_TRACE_BYTES: u64 = 8 << 30;
+/// Largest trace (after decompression) a reader accepts: about 50 M events. The reader
+/// holds the whole file in memory, so this bounds what a hostile gzip file can cost.
+pub const MAX_TRACE_BYTES: u64 = 2 << 30;
 /// Events per block the writers emit.
 pub const BLOCK_EVENTS: usize = 16384;
 
@@ -207,11 +208,9 @@ pub struct Trace {
 /// Why a trace could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum TraceError {
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
+    /// Callers name the file in their own context; the text here is the OS error.
+    #[error("{error}")]
+    Io { path: String, error: std::io::Error },
     #[error("not a Flotilla trace (the file does not start with \"FLOTRACE\")")]
     NotATrace,
     #[error("trace format version {found}; this build reads version {VERSION}")]
@@ -227,9 +226,9 @@ pub enum TraceError {
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> TraceError + '_ {
-    move |source| TraceError::Io {
+    move |error| TraceError::Io {
         path: path.display().to_string(),
-        source,
+        error,
     }
 }
 
@@ -403,7 +402,7 @@ pub fn read_file(path: &Path) -> Result<Trace, TraceError> {
 pub fn read_bytes(bytes: &[u8]) -> Result<Trace, TraceError> {
     if bytes.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
-        flate2::read::GzDecoder::new(bytes)
+        flate2::read::MultiGzDecoder::new(bytes)
             .take(MAX_TRACE_BYTES + 1)
             .read_to_end(&mut out)
             .map_err(|e| TraceError::Corrupt(format!("gzip stream: {e}")))?;

@@ -17,7 +17,7 @@
 //! buffers). Cost: arming one page is a write-protect (owned pages), a 4 KiB copy and
 //! an unmap; a hit is one trap plus a map (the `bench trace-overhead` numbers).
 
-use super::{Node, PageState};
+use super::{monotonic_ns, Node, PageState};
 use crate::cluster::uffd::PAGE;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -28,7 +28,8 @@ pub(super) const TICK: Duration = Duration::from_millis(10);
 /// Pages examined per page armed, at most, so a node holding few pages does not spin.
 const SCAN_PER_ARMED: u64 = 64;
 
-/// A page the sampler took away: its contents, and when (guest clock).
+/// A page the sampler took away: its contents, and when (CLOCK_MONOTONIC ns: unlike
+/// the guest clock, a vCPU arriving from another node cannot move it forward).
 pub(crate) struct Armed {
     pub data: Box<[u8; PAGE as usize]>,
     pub at_ns: u64,
@@ -53,7 +54,7 @@ impl Node {
         self.memory.read(gpa, &mut data[..]).map_err(|e| err(&e))?;
         self.uffd.drop_pages(gpa, PAGE).map_err(|e| err(&e))?;
         self.set_state(page, state, false);
-        let at_ns = self.clock_ns();
+        let at_ns = monotonic_ns();
         let old = self
             .armed
             .lock()
@@ -89,13 +90,20 @@ impl Node {
 /// The sampler thread: arms about `rate` pages a second until the run stops, then maps
 /// every armed page back.
 pub(super) fn sampler_thread(node: Arc<Node>, rate: u32) {
-    let per_tick = (rate as u64 * TICK.as_millis() as u64 / 1000).max(1);
     let (first, end) = (node.first_page, node.pages());
     let mut cursor = first;
+    // Pages owed, fractions carried from tick to tick, so low rates are kept too.
+    let mut budget = 0.0f64;
     let result = (|| -> Result<(), String> {
         while !node.stop.load(Ordering::SeqCst) {
             std::thread::sleep(TICK);
-            node.disarm_older(node.clock_ns())?;
+            node.disarm_older(monotonic_ns())?;
+            budget += rate as f64 * TICK.as_secs_f64();
+            let per_tick = budget.floor() as u64;
+            budget -= per_tick as f64;
+            if per_tick == 0 {
+                continue;
+            }
             let (mut armed, mut scanned) = (0, 0);
             while armed < per_tick && scanned < per_tick * SCAN_PER_ARMED && scanned < end - first {
                 let page = cursor;

@@ -287,7 +287,9 @@ fn write_fault(
                 break 'find;
             }
             if !populated {
-                match node.populate(page, state)? {
+                let armed = node.populate(page, state)?;
+                drop(_g);
+                match armed {
                     Some(armed_ns) => note_sample(node, id, page, want, regs.rip, armed_ns),
                     None => node.sample(Sample::Install, t0.elapsed()),
                 }
@@ -353,7 +355,7 @@ fn write_fault(
                 .map_err(|e| format!("node {me}: capturing vCPU {id}: {e}"))?;
             node.sample(Sample::Capture, t.elapsed());
             fault.rip = state.regs.rip;
-            shipped(node, id, &fault, t.elapsed());
+            shipped(node, id, &fault, t0.elapsed(), t.elapsed());
             ship(node, id, page, holder, fault_ns, state);
             Ok(Flow::Moved)
         }
@@ -418,11 +420,12 @@ fn served(node: &Node, id: u32, f: &Fault, service: Duration) {
     }
 }
 
-/// A remote fault served by sending the vCPU to the page (captured in `capture`).
-fn shipped(node: &Node, id: u32, f: &Fault, capture: Duration) {
+/// A remote fault served by sending the vCPU to the page: `service` from the fault exit
+/// to the captured state, `capture` of which capturing it.
+fn shipped(node: &Node, id: u32, f: &Fault, service: Duration, capture: Duration) {
     node.metrics.vcpu_move(Direction::Out);
     if node.tracing() {
-        fault_event(node, id, f, trace::DECISION_MOVE_VCPU, capture);
+        fault_event(node, id, f, trace::DECISION_MOVE_VCPU, service);
         let mut e = node.event(EventKind::VcpuOut, id, f.page);
         e.peer = f.holder;
         e.rip = f.rip;
@@ -439,7 +442,9 @@ fn note_sample(node: &Node, id: u32, page: u64, want: Want, rip: u64, armed_ns: 
         let mut e = node.event(EventKind::AccessSample, id, page);
         e.rip = rip;
         e.access = want_access(want);
-        e.service_ns = nanos(Duration::from_nanos(e.t_ns.saturating_sub(armed_ns)));
+        e.service_ns = nanos(Duration::from_nanos(
+            monotonic_ns().saturating_sub(armed_ns),
+        ));
         node.record(e);
     }
 }
@@ -640,7 +645,7 @@ fn fault(
                     .map_err(|e| format!("node {me}: capturing vCPU {id}: {e}"))?;
                 node.sample(Sample::Capture, t.elapsed());
                 fault.rip = state.regs.rip;
-                shipped(node, id, &fault, t.elapsed());
+                shipped(node, id, &fault, t0.elapsed(), t.elapsed());
                 // Flush the stale access while the page cannot arrive here.
                 for _ in 0..8 {
                     match vcpu.flush().map_err(|e| format!("node {me}: {e}"))? {
