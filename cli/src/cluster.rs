@@ -568,13 +568,13 @@ pub fn launch(l: &Launch) -> Result<std::result::Result<Reported, String>> {
                 .with_context(|| "node 0's trace")?
                 .meta;
             let trace = flotilla_telemetry::trace::merge(meta, &parts)?;
-            // Written beside the target, then renamed: a failure never leaves half a file
-            // under the name asked for.
+            // Written beside the target (same extension, so .gz compresses), then
+            // renamed: a failure never leaves half a file under the name asked for.
             let name = path
                 .file_name()
                 .map(|n| n.to_string_lossy().to_string())
                 .unwrap_or_default();
-            let staging = path.with_file_name(format!(".{name}.partial"));
+            let staging = path.with_file_name(format!(".partial-{name}"));
             let written = flotilla_telemetry::trace::write_file(&staging, &trace)
                 .map_err(anyhow::Error::from)
                 .and_then(|_| std::fs::rename(&staging, path).map_err(anyhow::Error::from));

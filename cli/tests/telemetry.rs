@@ -240,7 +240,8 @@ fn a_recorded_trace_agrees_with_the_run_and_exports() {
     if !kvm() {
         return;
     }
-    let file = temp("bfs.ftrace");
+    // A .gz name: written compressed, read back as it is.
+    let file = temp("bfs.ftrace.gz");
     for (policy, transport) in [("heuristic", "tcp"), ("always-vcpu", "shm")] {
         let v = run_json(&[
             "run",
@@ -264,6 +265,10 @@ fn a_recorded_trace_agrees_with_the_run_and_exports() {
             "120",
             "--json",
         ]);
+        assert!(
+            std::fs::read(&file).unwrap().starts_with(&[0x1f, 0x8b]),
+            "not gzip"
+        );
         let out = flotilla(&["trace", "stats", file.to_str().unwrap(), "--json"]);
         assert!(out.status.success(), "{}", stderr(&out));
         let s = json(&out);
