@@ -364,9 +364,10 @@ fn run_cluster(args: &RunArgs, plan: &Plan, nodes: u16) -> Result<i32> {
             None => "not verified".to_string(),
         };
         println!(
-            "{}: {} vCPUs on {nodes} nodes ({}, {}), exit code {}, checksum {} ({check}), {:.1} ms",
+            "{}: {} vCPUs on {nodes} node{} ({}, {}), exit code {}, checksum {} ({check}), {:.1} ms",
             plan.name,
             plan.config.vcpus,
+            if nodes == 1 { "" } else { "s" },
             args.transport,
             args.policy,
             reported.exit_code,
