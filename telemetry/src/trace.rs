@@ -600,20 +600,28 @@ pub fn write_file(path: &Path, trace: &Trace) -> Result<u64, TraceError> {
     Ok(trace.events.len() as u64)
 }
 
-/// Merges per-node trace files into one trace under `meta`, events ordered by time.
+/// Merges per-node trace files (part `k` recorded by node `k`) into one trace under
+/// `meta`, events ordered by time.
 pub fn merge(meta: TraceMeta, parts: &[impl AsRef<Path>]) -> Result<Trace, TraceError> {
     let mut events = Vec::new();
-    for p in parts {
-        let t = read_file(p.as_ref())
-            .map_err(|e| TraceError::Invalid(format!("{}: {e}", p.as_ref().display())))?;
+    for (k, p) in parts.iter().enumerate() {
+        let p = p.as_ref();
+        let t = read_file(p).map_err(|e| TraceError::Invalid(format!("{}: {e}", p.display())))?;
         if t.meta.nodes != meta.nodes || t.meta.vcpus != meta.vcpus {
             return Err(TraceError::Invalid(format!(
                 "{}: recorded on {} nodes and {} vCPUs, not {} and {}",
-                p.as_ref().display(),
+                p.display(),
                 t.meta.nodes,
                 t.meta.vcpus,
                 meta.nodes,
                 meta.vcpus
+            )));
+        }
+        if let Some(e) = t.events.iter().find(|e| e.node as usize != k) {
+            return Err(TraceError::Invalid(format!(
+                "{}: holds an event of node {}, but it is node {k}'s part",
+                p.display(),
+                e.node
             )));
         }
         events.extend(t.events);
@@ -680,6 +688,32 @@ mod tests {
             assert_eq!(write_file(&p, &t).unwrap(), 40_000);
             assert_eq!(read_file(&p).unwrap(), t);
         }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn merge_orders_parts_and_checks_their_nodes() {
+        let dir = std::env::temp_dir().join(format!("flotilla-merge-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = sample_trace();
+        let part = |node: u16| Trace {
+            meta: t.meta.clone(),
+            events: t
+                .events
+                .iter()
+                .filter(|e| e.node == node)
+                .copied()
+                .collect(),
+        };
+        let paths = [dir.join("p0"), dir.join("p1")];
+        write_file(&paths[0], &part(0)).unwrap();
+        write_file(&paths[1], &part(1)).unwrap();
+        let m = merge(t.meta.clone(), &paths).unwrap();
+        assert_eq!(m.events.len(), t.events.len());
+        assert!(m.events.windows(2).all(|w| w[0].t_ns <= w[1].t_ns));
+        let swapped = [paths[1].clone(), paths[0].clone()];
+        let e = merge(t.meta.clone(), &swapped).unwrap_err().to_string();
+        assert!(e.contains("node 0's part"), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

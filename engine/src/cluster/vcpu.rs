@@ -188,8 +188,22 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
         )),
         What::Fault(addr, write, len) => fault(node, vcpu, ctx, slot, addr, write, len),
         What::Whole(addr) => {
-            // Newer kernels: no pending access; bring the page and re-run.
+            // Newer kernels: no pending access; bring the page and re-run. A page held
+            // here but unmapped (never touched, or armed by the sampler) is mapped back
+            // as it is, not upgraded.
             let page = check_page(node, id, addr, 1)?;
+            {
+                let g = node.lock(page);
+                let (state, populated) = node.state(page);
+                if state != PageState::Invalid && !populated {
+                    let armed = node.populate(page, state)?;
+                    drop(g);
+                    if let Some(armed_ns) = armed {
+                        note_sample(node, id, page, Want::Read, 0, armed_ns);
+                    }
+                    return Ok(Flow::Continue);
+                }
+            }
             let held = node.acquire(page, Want::Write, slot)?;
             node.release(held, page);
             Ok(Flow::Continue)
