@@ -398,6 +398,7 @@ fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> 
                     echo_rounds: 0,
                     observe: crate::cluster::ObserveArgs {
                         metrics: None,
+                        metrics_linger: None,
                         trace: trace.clone(),
                         sample_rate: *rate,
                     },

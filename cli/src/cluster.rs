@@ -103,12 +103,23 @@ pub struct ObserveArgs {
     /// address: node K listens on port + K.
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<SocketAddr>,
+    /// Keep serving metrics this many seconds after the run (for scrape intervals
+    /// longer than the run).
+    #[arg(long, value_name = "SECONDS", requires = "metrics", value_parser = parse_linger)]
+    pub metrics_linger: Option<f64>,
     /// Record a fault trace into FILE (docs/trace-format.md).
     #[arg(long, value_name = "FILE")]
     pub trace: Option<PathBuf>,
     /// Sampled access tracking: pages armed per second per node (0 = off).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub sample_rate: u32,
+}
+
+fn parse_linger(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=3600.0).contains(&v) => Ok(v),
+        _ => Err(format!("'{s}': give 0 to 3600 seconds")),
+    }
 }
 
 impl ObserveArgs {
@@ -318,6 +329,7 @@ pub fn node(args: NodeArgs) -> Result<i32> {
     let me = setup.me;
     setup.observe = Observe {
         metrics_addr: args.observe.metrics,
+        metrics_linger: args.observe.metrics_linger.map(Duration::from_secs_f64),
         trace: args.observe.trace.as_ref().map(|path| TraceSetup {
             path: path.clone(),
             meta: trace_meta(&file, &setup.spec, args.observe.sample_rate),
@@ -546,7 +558,8 @@ pub fn launch(l: &Launch) -> Result<std::result::Result<Reported, String>> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let linger = Duration::from_secs_f64(l.observe.metrics_linger.unwrap_or(0.0));
+    let deadline = Instant::now() + Duration::from_secs(10) + linger;
     for c in children.iter_mut() {
         while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
             std::thread::sleep(Duration::from_millis(10));
@@ -623,6 +636,9 @@ fn node_observe_args(l: &Launch, id: u16, metrics: &[SocketAddr], part: &Path) -
     let mut a = Vec::new();
     if let Some(addr) = metrics.get(id as usize) {
         a.extend(["--metrics".to_string(), addr.to_string()]);
+        if let Some(s) = l.observe.metrics_linger {
+            a.extend(["--metrics-linger".to_string(), s.to_string()]);
+        }
     }
     if l.observe.trace.is_some() {
         a.extend(["--trace".to_string(), part.display().to_string()]);

@@ -525,3 +525,66 @@ fn bad_telemetry_options_are_named() {
         );
     }
 }
+
+#[test]
+fn metrics_linger_after_the_run_with_the_final_counters() {
+    if !kvm() {
+        return;
+    }
+    let base = free_base(2);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "run",
+            "--workload",
+            "sort",
+            "--args",
+            "n=20000",
+            "--vcpus",
+            "2",
+            "--nodes",
+            "2",
+            "--metrics",
+            &format!("127.0.0.1:{base}"),
+            "--metrics-linger",
+            "3",
+            "--json",
+        ])
+        .env("FLOTILLA_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The nodes log when their run is over and their metrics linger: scrape node 1 then.
+    let stderr_pipe = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr_pipe)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = String::new();
+    let scraped = loop {
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) => {
+                log.push_str(&line);
+                log.push('\n');
+                if line.contains("metrics linger") && line.contains("node=1") {
+                    break scrape(base + 1);
+                }
+            }
+            Err(_) => panic!("node 1 never said its metrics linger:\n{log}"),
+        }
+    };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(json(&out)["verified"], true, "{log}");
+    let s = samples(&scraped.expect("node 1's metrics were not served after its run"));
+    assert_eq!(sum(&s, "flotilla_vcpus_resident"), 0.0);
+    assert!(sum(&s, "flotilla_bytes_total") > 0.0);
+    let out = flotilla(&["run", "--workload", "sort", "--metrics-linger", "5"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("--metrics"), "{}", stderr(&out));
+}

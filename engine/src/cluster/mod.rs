@@ -120,6 +120,8 @@ pub struct NodeSetup {
 pub struct Observe {
     /// Serve Prometheus metrics at `http://ADDR/metrics`.
     pub metrics_addr: Option<SocketAddr>,
+    /// Keep serving them this long after the run.
+    pub metrics_linger: Option<Duration>,
     /// Record this node's fault trace into a file.
     pub trace: Option<TraceSetup>,
     /// Sampled access tracking: pages armed per second (0 = off). See `sampler`.

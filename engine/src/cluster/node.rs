@@ -1251,7 +1251,7 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
         control: Mutex::new(Control::default()),
         control_changed: Condvar::new(),
     });
-    let _metrics_server = match observe.metrics_addr {
+    let metrics_server = match observe.metrics_addr {
         Some(addr) => {
             let weak = Arc::downgrade(&node);
             let server = MetricsServer::start(
@@ -1375,6 +1375,12 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
             }
         }
     }
+    if let (Some(server), Some(linger)) = (&metrics_server, observe.metrics_linger) {
+        // The final counters stay up for a scraper whose interval is longer than the run.
+        tracing::info!(node = me, addr = %server.addr(), ?linger, "run over; metrics linger");
+        std::thread::sleep(linger);
+    }
+    drop(metrics_server);
     result
 }
 
