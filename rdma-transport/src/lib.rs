@@ -16,6 +16,7 @@ pub mod tcp;
 pub mod wire;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 pub use wire::{Message, NodeStats, Samples, Want, WireError};
 
@@ -85,12 +86,35 @@ pub trait Transport: Send + Sync {
     /// Sends one frame to `to` (not to this node itself). Frames to one peer arrive in
     /// the order they were sent.
     fn send(&self, to: NodeId, msg: &Message) -> Result<(), TransportError>;
+    /// What this transport has sent and received.
+    fn traffic(&self) -> &Traffic;
     /// Frame bytes sent so far, headers included.
-    fn bytes_sent(&self) -> u64;
+    fn bytes_sent(&self) -> u64 {
+        self.traffic().sent.load(Ordering::Relaxed)
+    }
     /// Frame bytes received so far from peers, headers included (keep-alives excluded).
-    fn bytes_received(&self) -> u64;
+    fn bytes_received(&self) -> u64 {
+        self.traffic().received.load(Ordering::Relaxed)
+    }
     /// Closes every link; the handler hears of no further losses.
     fn close(&self);
+}
+
+/// Frame bytes a transport moved, counted where frames are written and delivered.
+#[derive(Debug, Default)]
+pub struct Traffic {
+    pub(crate) sent: AtomicU64,
+    pub(crate) received: AtomicU64,
+}
+
+impl Traffic {
+    pub(crate) fn sent(&self, bytes: u64) {
+        self.sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    pub(crate) fn received(&self, bytes: u64) {
+        self.received.fetch_add(bytes, Ordering::Relaxed);
+    }
 }
 
 /// The link to `to` in a transport's per-peer table.

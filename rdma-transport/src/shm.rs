@@ -11,7 +11,7 @@
 
 use crate::tcp::{connect_all, read_frame};
 use crate::wire::{self, Message, HEADER_BYTES, MAX_BODY_BYTES};
-use crate::{Handler, MeshConfig, NodeId, Transport, TransportError};
+use crate::{Handler, MeshConfig, NodeId, Traffic, Transport, TransportError};
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
@@ -127,8 +127,7 @@ pub struct ShmTransport {
     me: NodeId,
     nodes: u16,
     links: Vec<Option<Link>>,
-    bytes_sent: AtomicU64,
-    bytes_received: AtomicU64,
+    traffic: Traffic,
     closed: AtomicBool,
 }
 
@@ -305,8 +304,7 @@ impl ShmTransport {
             me,
             nodes: config.addrs.len() as u16,
             links,
-            bytes_sent: AtomicU64::new(0),
-            bytes_received: AtomicU64::new(0),
+            traffic: Traffic::default(),
             closed: AtomicBool::new(false),
         });
         let spawn_err = |peer, addr, source| TransportError::Io {
@@ -444,7 +442,7 @@ impl ShmTransport {
             rx.copy_out(tail + HEADER_BYTES as u64, &mut body);
             tail += total;
             c.tail.store(tail, Ordering::Release);
-            self.bytes_received.fetch_add(total, Ordering::Relaxed);
+            self.traffic.received(total);
             match wire::decode_body(h, &body) {
                 Ok(msg) => handler.deliver(peer, msg),
                 Err(source) => {
@@ -507,17 +505,13 @@ impl Transport for ShmTransport {
                 c.bell.fetch_add(1, Ordering::SeqCst);
                 futex(&c.bell, libc::FUTEX_WAKE, 1, None);
             }
-            self.bytes_sent.fetch_add(len, Ordering::Relaxed);
+            self.traffic.sent(len);
             Ok(())
         })
     }
 
-    fn bytes_sent(&self) -> u64 {
-        self.bytes_sent.load(Ordering::Relaxed)
-    }
-
-    fn bytes_received(&self) -> u64 {
-        self.bytes_received.load(Ordering::Relaxed)
+    fn traffic(&self) -> &Traffic {
+        &self.traffic
     }
 
     fn close(&self) {

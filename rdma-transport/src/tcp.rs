@@ -12,10 +12,10 @@
 
 use crate::auth::{self, Hello};
 use crate::wire::{self, Message, HEADER_BYTES};
-use crate::{Handler, MeshConfig, NodeId, Transport, TransportError};
+use crate::{Handler, MeshConfig, NodeId, Traffic, Transport, TransportError};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -32,8 +32,7 @@ pub struct TcpTransport {
     me: NodeId,
     nodes: u16,
     links: Vec<Option<Link>>,
-    bytes_sent: AtomicU64,
-    bytes_received: AtomicU64,
+    traffic: Traffic,
     closed: AtomicBool,
 }
 
@@ -232,8 +231,7 @@ impl TcpTransport {
             me: config.me,
             nodes: config.addrs.len() as u16,
             links,
-            bytes_sent: AtomicU64::new(0),
-            bytes_received: AtomicU64::new(0),
+            traffic: Traffic::default(),
             closed: AtomicBool::new(false),
         });
         for (peer, addr, stream) in readers {
@@ -280,8 +278,7 @@ impl TcpTransport {
             match read_frame(&mut stream, &mut header, &mut body, peer, addr, idle) {
                 Ok(Message::Ping) => {}
                 Ok(msg) => {
-                    self.bytes_received
-                        .fetch_add((HEADER_BYTES + body.len()) as u64, Ordering::Relaxed);
+                    self.traffic.received((HEADER_BYTES + body.len()) as u64);
                     handler.deliver(peer, msg)
                 }
                 Err(e) => break e,
@@ -357,18 +354,13 @@ impl Transport for TcpTransport {
                 what: "sending",
                 source,
             })?;
-            self.bytes_sent
-                .fetch_add(frame.len() as u64, Ordering::Relaxed);
+            self.traffic.sent(frame.len() as u64);
             Ok(())
         })
     }
 
-    fn bytes_sent(&self) -> u64 {
-        self.bytes_sent.load(Ordering::Relaxed)
-    }
-
-    fn bytes_received(&self) -> u64 {
-        self.bytes_received.load(Ordering::Relaxed)
+    fn traffic(&self) -> &Traffic {
+        &self.traffic
     }
 
     fn close(&self) {
