@@ -211,6 +211,23 @@ impl NodeMetrics {
         self.trace_events.inc();
     }
 
+    /// Remote faults so far, reads and writes.
+    pub fn remote_faults(&self) -> u64 {
+        self.faults_by_kind.iter().map(IntCounter::get).sum()
+    }
+
+    pub fn page_moves(&self, d: Direction) -> u64 {
+        self.pages_by_direction[d as usize].get()
+    }
+
+    pub fn vcpu_moves(&self, d: Direction) -> u64 {
+        self.vcpus_by_direction[d as usize].get()
+    }
+
+    pub fn invalidations(&self) -> u64 {
+        self.invalidations.get()
+    }
+
     pub fn fault_service(&self, seconds: f64) {
         self.fault_service.observe(seconds);
     }

@@ -185,13 +185,11 @@ impl Placement {
     }
 }
 
+/// What the metrics do not already count (faults, moves and invalidations are read
+/// back from [`NodeMetrics`]).
 #[derive(Default)]
 pub(super) struct Counters {
-    pub remote_faults: AtomicU64,
-    pub page_moves: AtomicU64,
     pub replicas_made: AtomicU64,
-    pub invalidations: AtomicU64,
-    pub vcpu_moves: AtomicU64,
     pub exits: AtomicU64,
 }
 
@@ -417,6 +415,17 @@ impl Node {
         }
     }
 
+    /// Records a page event (no vCPU) if this node traces.
+    fn trace_page(&self, kind: EventKind, page: u64, peer: NodeId, want: Want, replicas: u16) {
+        if self.tracing() {
+            let mut e = self.event(kind, u32::MAX, page);
+            e.peer = peer;
+            e.access = want_access(want);
+            e.replicas = replicas;
+            self.record(e);
+        }
+    }
+
     /// Copies of the page the home counted when this node last got it, if known.
     pub fn copies(&self, page: u64) -> u16 {
         match self.copies[self.index(page)].load(Ordering::Relaxed) {
@@ -626,13 +635,7 @@ impl Node {
             }
         }
         self.metrics.page_move(Direction::Out);
-        if self.tracing() {
-            let mut e = self.event(EventKind::PageOut, u32::MAX, page);
-            e.peer = requester;
-            e.access = want_access(want);
-            e.replicas = copies as u16;
-            self.record(e);
-        }
+        self.trace_page(EventKind::PageOut, page, requester, want, copies as u16);
         self.send(
             requester,
             Message::PageData {
@@ -678,15 +681,8 @@ impl Node {
             self.set_copies(page, copies);
             self.bump_heat(page);
         }
-        self.counters.page_moves.fetch_add(1, Ordering::Relaxed);
         self.metrics.page_move(Direction::In);
-        if self.tracing() {
-            let mut e = self.event(EventKind::PageIn, u32::MAX, page);
-            e.peer = from;
-            e.access = want_access(want);
-            e.replicas = copies as u16;
-            self.record(e);
-        }
+        self.trace_page(EventKind::PageIn, page, from, want, copies as u16);
         if want == Want::Read {
             self.counters.replicas_made.fetch_add(1, Ordering::Relaxed);
         }
@@ -743,13 +739,8 @@ impl Node {
             self.set_hint(page, owner);
             self.bump_heat(page);
         }
-        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
         self.metrics.invalidation();
-        if self.tracing() {
-            let mut e = self.event(EventKind::Invalidate, u32::MAX, page);
-            e.peer = owner;
-            self.record(e);
-        }
+        self.trace_page(EventKind::Invalidate, page, owner, Want::Read, NONE16);
         self.send(from, Message::InvalidateAck { page });
         Ok(())
     }
@@ -921,14 +912,14 @@ impl Node {
     }
 
     pub fn stats(&self) -> NodeStats {
-        let c = &self.counters;
+        let (c, m) = (&self.counters, &self.metrics);
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NodeStats {
-            remote_faults: l(&c.remote_faults),
-            page_moves: l(&c.page_moves),
+            remote_faults: m.remote_faults(),
+            page_moves: m.page_moves(Direction::In),
             replicas_made: l(&c.replicas_made),
-            invalidations: l(&c.invalidations),
-            vcpu_moves: l(&c.vcpu_moves),
+            invalidations: m.invalidations(),
+            vcpu_moves: m.vcpu_moves(Direction::Out),
             bytes_sent: self.transport.get().map_or(0, |t| t.bytes_sent()),
             exits: l(&c.exits),
         }

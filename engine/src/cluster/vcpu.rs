@@ -327,35 +327,10 @@ fn write_fault(
         }
         return Ok(Flow::Continue);
     };
-    count_fault(node, want);
-    let holder = node.hint(page);
     let forced = ctx.arrived_rip.take() == Some(regs.rip);
-    let access = if want == Want::Write {
-        Access::Write
-    } else {
-        Access::Read
-    };
-    let have_replica = state == PageState::Shared;
-    let (decision, ruled) = decide(
-        node,
-        ctx,
-        id,
-        page,
-        access,
-        holder,
-        have_replica,
-        forced,
-        true,
-    );
-    let mut fault = Fault {
-        page,
-        want,
-        holder,
-        rip: regs.rip,
-        flags: flag_bits(ruled, have_replica, true),
-        clock_ns: node.clock_ns(),
-    };
-    match decision {
+    let mut fault = Fault::new(node, page, want, state, regs.rip, flags::DECODED);
+    let holder = fault.holder;
+    match decide(node, ctx, id, &mut fault, forced) {
         Decision::MovePage => {
             let held = node.acquire(page, want, slot)?;
             node.release(held, page);
@@ -376,43 +351,44 @@ fn write_fault(
     }
 }
 
-/// A remote fault, for the metrics and the trace.
+/// A remote fault: what the policy is told, and what the trace records.
 struct Fault {
     page: u64,
     want: Want,
+    /// The node believed to hold the page.
     holder: NodeId,
     rip: u64,
+    /// Trace flags (`flags::*`).
     flags: u8,
-    /// Guest clock at the fault.
-    clock_ns: u64,
 }
 
-fn flag_bits(ruled: bool, had_replica: bool, decoded: bool) -> u8 {
-    let mut f = 0;
-    if ruled {
-        f |= flags::FORCED;
+impl Fault {
+    /// Counts a remote fault on `page`, which this node holds as `state`.
+    fn new(node: &Node, page: u64, want: Want, state: PageState, rip: u64, flags: u8) -> Self {
+        node.metrics.remote_fault(want == Want::Write);
+        let replica = if state == PageState::Shared {
+            flags::HAD_REPLICA
+        } else {
+            0
+        };
+        Fault {
+            page,
+            want,
+            holder: node.hint(page),
+            rip,
+            flags: flags | replica,
+        }
     }
-    if had_replica {
-        f |= flags::HAD_REPLICA;
-    }
-    if decoded {
-        f |= flags::DECODED;
-    }
-    f
 }
 
 fn nanos(d: Duration) -> u32 {
     d.as_nanos().min(u32::MAX as u128) as u32
 }
 
-fn count_fault(node: &Node, want: Want) {
-    node.counters.remote_faults.fetch_add(1, Ordering::Relaxed);
-    node.metrics.remote_fault(want == Want::Write);
-}
-
 fn fault_event(node: &Node, id: u32, f: &Fault, decision: u8, service: Duration) {
     let mut e = node.event(EventKind::RemoteFault, id, f.page);
-    e.t_ns = f.clock_ns;
+    // Stamped when served: the fault was `service` earlier.
+    e.t_ns = e.t_ns.saturating_sub(service.as_nanos() as u64);
     e.rip = f.rip;
     e.peer = f.holder;
     e.access = want_access(f.want);
@@ -465,7 +441,6 @@ fn note_sample(node: &Node, id: u32, page: u64, want: Want, rip: u64, armed_ns: 
 
 /// Sends a captured vCPU to `holder`, the node the policy chose it to go to.
 fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: VcpuState) {
-    node.counters.vcpu_moves.fetch_add(1, Ordering::Relaxed);
     node.send(
         holder,
         Message::VcpuMove {
@@ -478,20 +453,19 @@ fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: V
     );
 }
 
-/// Asks the policy, unless a progress rule decides (then the flag is set).
-#[allow(clippy::too_many_arguments)]
-fn decide(
-    node: &Node,
-    ctx: &mut Ctx,
-    id: u32,
-    page: u64,
-    access: Access,
-    holder: NodeId,
-    have_replica: bool,
-    forced: bool,
-    first: bool,
-) -> (Decision, bool) {
-    let ruled = forced || !first || holder == node.me;
+/// Asks the policy, unless a progress rule decides (`forced`, or the holder is this node;
+/// then the fault is flagged so).
+fn decide(node: &Node, ctx: &mut Ctx, id: u32, f: &mut Fault, forced: bool) -> Decision {
+    let (page, holder) = (f.page, f.holder);
+    let access = if f.want == Want::Write {
+        Access::Write
+    } else {
+        Access::Read
+    };
+    let ruled = forced || holder == node.me;
+    if ruled {
+        f.flags |= flags::FORCED;
+    }
     let decision = if ruled {
         Decision::MovePage
     } else {
@@ -503,7 +477,7 @@ fn decide(
             access,
             holder,
             home: node.home(page),
-            have_replica,
+            have_replica: f.flags & flags::HAD_REPLICA != 0,
             local_vcpus: node.resident.load(Ordering::Relaxed),
             page_heat: node.heat(page),
             history: &ctx.history,
@@ -523,7 +497,7 @@ fn decide(
         holder,
         decision,
     });
-    (decision, ruled)
+    decision
 }
 
 /// Completes the pending access against the page (held by the caller) and flushes it.
@@ -604,34 +578,15 @@ fn fault(
             }
             state
         };
-        count_fault(node, want);
-        let holder = node.hint(page);
         let forced = match ctx.arrived_rip.take() {
             Some(rip) => vcpu.rip().map_err(|e| format!("node {me}: {e}"))? == rip,
             None => false,
         };
-        let access = if write { Access::Write } else { Access::Read };
-        let have_replica = state == PageState::Shared;
-        let (decision, ruled) = decide(
-            node,
-            ctx,
-            id,
-            page,
-            access,
-            holder,
-            have_replica,
-            forced,
-            first,
-        );
+        let mut fault = Fault::new(node, page, want, state, 0, 0);
+        let holder = fault.holder;
+        // A later fragment of one instruction always brings its page.
+        let decision = decide(node, ctx, id, &mut fault, forced || !first);
         first = false;
-        let mut fault = Fault {
-            page,
-            want,
-            holder,
-            rip: 0,
-            flags: flag_bits(ruled, have_replica, false),
-            clock_ns: node.clock_ns(),
-        };
         match decision {
             Decision::MovePage => {
                 if node.tracing() {
