@@ -1,6 +1,5 @@
 //! `flotilla bench …`: measured numbers, never asserted in tests.
 
-use crate::cluster::sample_list;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use flotilla_engine::{ConsoleMode, Machine, MachineConfig};
@@ -123,7 +122,7 @@ fn overhead(a: OverheadArgs) -> Result<i32> {
         let prepared = w
             .prepare(&a.args)
             .map_err(|e| anyhow!("workload {}: {e}", w.name()))?;
-        let mem = crate::run::default_guest_mem(&prepared, a.vcpus);
+        let mem = crate::sizing::default_guest_mem(&prepared, a.vcpus);
         let config = MachineConfig {
             vcpus: a.vcpus,
             mem_bytes: mem,
@@ -151,10 +150,10 @@ fn overhead(a: OverheadArgs) -> Result<i32> {
         let (native, guest) = (median(native_ms), median(guest_ms));
         let ratio = guest / native;
         if !a.json {
-            eprintln!(
+            crate::say_err(&format!(
                 "{:<8} native {native:>9.1} ms  guest {guest:>9.1} ms  ratio {ratio:.3}",
                 w.name()
-            );
+            ));
         }
         rows.push(json!({
             "name": w.name(),
@@ -165,7 +164,7 @@ fn overhead(a: OverheadArgs) -> Result<i32> {
     }
     let out = json!({ "vcpus": a.vcpus, "runs": a.runs, "workloads": rows });
     if a.json {
-        println!("{out}");
+        crate::say(&out.to_string());
     }
     Ok(0)
 }
@@ -195,15 +194,15 @@ fn bench_run(
     ram: &str,
     args: &str,
     echo: u32,
-) -> Result<crate::cluster::Reported> {
+) -> Result<crate::report::Reported> {
     let prepared = Workload::Stream.prepare(args).map_err(|e| anyhow!("{e}"))?;
-    let launch = crate::cluster::Launch {
+    let launch = crate::launch::Launch {
         nodes: 2,
         transport: transport.to_string(),
         policy: policy.to_string(),
         seed: 1,
         vcpus: 1,
-        mem: crate::run::default_guest_mem(&prepared, 1),
+        mem: crate::sizing::default_guest_mem(&prepared, 1),
         args: args.to_string(),
         workload: Some("stream".into()),
         image: None,
@@ -214,10 +213,12 @@ fn bench_run(
         observe: Default::default(),
         inject_health: Vec::new(),
     };
-    let reported =
-        crate::cluster::launch(&launch)?.map_err(|e| anyhow!("benchmark run failed: {e}"))?;
+    let reported = crate::launch::launch(&launch)?;
+    if let Err(e) = &reported.result {
+        bail!("benchmark run failed: {e}");
+    }
     let native = native::run(&prepared, 1).map_err(|e| anyhow!("{e}"))?;
-    if reported.exit_code != 0 || reported.report != Some(native.checksum) {
+    if reported.exit_code() != Some(0) || reported.report != Some(native.checksum) {
         bail!("the benchmark guest did not reproduce the host checksum");
     }
     Ok(reported)
@@ -251,18 +252,15 @@ fn cluster_bench(a: ClusterBenchArgs, kind: Kind) -> Result<i32> {
                         "n=100000 reps=1",
                         ECHO_ROUNDS,
                     )?;
-                    let f = sample_list(&r.samples, "fault_service_us");
+                    let f = r.samples.fault_service_us.clone();
                     put("fault_p50", pct(f.clone(), 0.5));
                     put("fault_p99", pct(f, 0.99));
-                    let e = sample_list(&r.samples, "rtt_4k_us");
+                    let e = r.samples.rtt_4k_us.clone();
                     put("rtt_p50", pct(e.clone(), 0.5));
                     put("rtt_p99", pct(e, 0.99));
                     // vCPU on node 0: the same first touches are local installs.
                     let l = bench_run(t, "always-page", 0, "contiguous", "n=100000 reps=1", 0)?;
-                    put(
-                        "install_p50",
-                        pct(sample_list(&l.samples, "install_us"), 0.5),
-                    );
+                    put("install_p50", pct(l.samples.install_us.clone(), 0.5));
                 }
                 Kind::Move => {
                     // Pages interleaved between the nodes: every touch sends the vCPU over.
@@ -274,20 +272,14 @@ fn cluster_bench(a: ClusterBenchArgs, kind: Kind) -> Result<i32> {
                         "n=3000 reps=1",
                         ECHO_ROUNDS,
                     )?;
-                    let mv = sample_list(&r.samples, "vcpu_move_us");
+                    let mv = r.samples.vcpu_move_us.clone();
                     put("move_p50", pct(mv.clone(), 0.5));
                     put("move_p99", pct(mv, 0.99));
-                    let e = sample_list(&r.samples, "rtt_4k_us");
+                    let e = r.samples.rtt_4k_us.clone();
                     put("rtt_p50", pct(e.clone(), 0.5));
                     put("rtt_p99", pct(e, 0.99));
-                    put(
-                        "capture_p50",
-                        pct(sample_list(&r.samples, "capture_us"), 0.5),
-                    );
-                    put(
-                        "restore_p50",
-                        pct(sample_list(&r.samples, "restore_us"), 0.5),
-                    );
+                    put("capture_p50", pct(r.samples.capture_us.clone(), 0.5));
+                    put("restore_p50", pct(r.samples.restore_us.clone(), 0.5));
                 }
             }
         }
@@ -296,10 +288,10 @@ fn cluster_bench(a: ClusterBenchArgs, kind: Kind) -> Result<i32> {
             Kind::Fault => {
                 let ratio = med("fault_p50") / (med("rtt_p50") + med("install_p50"));
                 if !a.json {
-                    eprintln!(
+                    crate::say_err(&format!(
                         "{t:<4} fault p50 {:>6.1} us p99 {:>6.1} | rtt 4k p50 {:>6.1} p99 {:>6.1} | install p50 {:>5.1} | ratio {ratio:.2}",
                         med("fault_p50"), med("fault_p99"), med("rtt_p50"), med("rtt_p99"), med("install_p50")
-                    );
+                    ));
                 }
                 json!({
                     "name": t,
@@ -313,10 +305,10 @@ fn cluster_bench(a: ClusterBenchArgs, kind: Kind) -> Result<i32> {
                 let ratio =
                     med("move_p50") / (med("rtt_p50") + med("capture_p50") + med("restore_p50"));
                 if !a.json {
-                    eprintln!(
+                    crate::say_err(&format!(
                         "{t:<4} move p50 {:>6.1} us p99 {:>6.1} | rtt 4k p50 {:>6.1} | capture p50 {:>5.1} | restore p50 {:>5.1} | ratio {ratio:.2}",
                         med("move_p50"), med("move_p99"), med("rtt_p50"), med("capture_p50"), med("restore_p50")
-                    );
+                    ));
                 }
                 json!({
                     "name": t,
@@ -332,7 +324,7 @@ fn cluster_bench(a: ClusterBenchArgs, kind: Kind) -> Result<i32> {
     }
     let out = json!({ "runs": a.runs, "transports": rows });
     if a.json {
-        println!("{out}");
+        crate::say(&out.to_string());
     }
     Ok(0)
 }
@@ -382,13 +374,13 @@ fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> 
         let mut bytes: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
         for _ in 0..a.runs {
             for (i, (_, trace, rate)) in variants.iter().enumerate() {
-                let launch = crate::cluster::Launch {
+                let launch = crate::launch::Launch {
                     nodes: a.nodes,
                     transport: "tcp".into(),
                     policy: a.policy.clone(),
                     seed: 1,
                     vcpus: 4,
-                    mem: crate::run::default_guest_mem(&prepared, 4),
+                    mem: crate::sizing::default_guest_mem(&prepared, 4),
                     args: args.to_string(),
                     workload: Some(name.clone()),
                     image: None,
@@ -396,7 +388,7 @@ fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> 
                     ram: "contiguous".into(),
                     timeout: Some(std::time::Duration::from_secs(300)),
                     echo_rounds: 0,
-                    observe: crate::cluster::ObserveArgs {
+                    observe: crate::node::ObserveArgs {
                         metrics: None,
                         metrics_linger: None,
                         trace: trace.clone(),
@@ -404,9 +396,11 @@ fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> 
                     },
                     inject_health: Vec::new(),
                 };
-                let r = crate::cluster::launch(&launch)?
-                    .map_err(|e| anyhow!("{name}: benchmark run failed: {e}"))?;
-                if r.exit_code != 0 || r.report != Some(reference) {
+                let r = crate::launch::launch(&launch)?;
+                if let Err(e) = &r.result {
+                    bail!("{name}: benchmark run failed: {e}");
+                }
+                if r.exit_code() != Some(0) || r.report != Some(reference) {
                     bail!("{name}: the guest did not reproduce the host checksum");
                 }
                 wall[i].push(r.wall_ms);
@@ -423,10 +417,10 @@ fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> 
         let by: Vec<f64> = bytes.into_iter().map(median).collect();
         let pct = |x: f64| round3((x / med[0] - 1.0) * 100.0);
         if !a.json {
-            eprintln!(
+            crate::say_err(&format!(
                 "{name:<8} plain {:>8.1} ms | trace {:>8.1} ms ({:+.1}%, {} events, {} KiB) | trace+sampling {:>8.1} ms ({:+.1}%, {} events)",
                 med[0], med[1], pct(med[1]), ev[1], by[1] as u64 / 1024, med[2], pct(med[2]), ev[2]
-            );
+            ));
         }
         rows.push(json!({
             "workload": name, "args": args,
@@ -459,12 +453,12 @@ fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> 
         "trace_sampled_overhead_pct": round3((total("trace_sampled_ms") / total("plain_ms") - 1.0) * 100.0),
     });
     if a.json {
-        println!(
+        crate::say(&format!(
             "{}",
             json!({"runs": a.runs, "nodes": a.nodes, "policy": a.policy, "sample_rate": a.sample_rate, "workloads": rows, "summary": summary})
-        );
+        ));
     } else {
-        eprintln!("all      {summary}");
+        crate::say_err(&format!("all      {summary}"));
     }
     Ok(0)
 }

@@ -8,8 +8,12 @@
 //! - `flotilla trace stats|export …`: recorded fault traces.
 
 mod bench;
-mod cluster;
+mod config;
+mod launch;
+mod node;
+mod report;
 mod run;
+mod sizing;
 mod trace;
 
 use anyhow::Result;
@@ -38,7 +42,7 @@ enum Command {
     /// Run a guest: a built-in workload, or an external ELF image.
     Run(run::RunArgs),
     /// Run one node of a multi-machine cluster (see README.md, "Cluster configuration").
-    Node(cluster::NodeArgs),
+    Node(node::NodeArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -53,7 +57,7 @@ fn main() {
     let code = match dispatch(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("flotilla: error: {e:#}");
+            say_err(&format!("flotilla: error: {e:#}"));
             2
         }
     };
@@ -65,21 +69,21 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Workloads { verbose } => {
             for w in Workload::ALL {
                 if verbose {
-                    println!("{:<8} {}", w.name(), w.summary());
+                    say(&format!("{:<8} {}", w.name(), w.summary()));
                     for k in w.keys() {
-                        println!(
+                        say(&format!(
                             "         {}={} ({}; {}..={})",
                             k.name, k.default, k.help, k.min, k.max
-                        );
+                        ));
                     }
                 } else {
-                    println!("{}", w.name());
+                    say(w.name());
                 }
             }
             Ok(0)
         }
         Command::Run(args) => run::run(args),
-        Command::Node(a) => cluster::node(a),
+        Command::Node(a) => node::node(a),
         Command::Bench(b) => bench::bench(b),
         Command::Trace(t) => trace::trace(t),
     }
@@ -100,40 +104,22 @@ fn init_logging() {
         .init();
 }
 
-/// Parses a memory size: bytes, or a number with K, M, G (binary units, optional "iB").
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let lower = t.to_ascii_lowercase();
-    let stripped = lower
-        .strip_suffix("ib")
-        .or_else(|| lower.strip_suffix('b'))
-        .unwrap_or(&lower);
-    let (digits, shift) = match stripped.chars().last() {
-        Some('k') => (&stripped[..stripped.len() - 1], 10),
-        Some('m') => (&stripped[..stripped.len() - 1], 20),
-        Some('g') => (&stripped[..stripped.len() - 1], 30),
-        _ => (stripped, 0),
-    };
-    let n: u64 = digits
-        .trim()
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (examples: 512M, 2G, 1073741824)"))?;
-    n.checked_mul(1 << shift)
-        .ok_or_else(|| format!("size '{s}' is too large"))
+/// Writes a line to stdout. A closed pipe (`flotilla run | head -1`, a launcher that
+/// went away) is not an error worth a panic: the reader is gone, so is the need.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
-#[cfg(test)]
-mod tests {
-    use super::parse_size;
+/// Writes text to stdout as it is (no newline added); a closed pipe is ignored.
+pub fn say_out(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
+}
 
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("4096"), Ok(4096));
-        assert_eq!(parse_size("512M"), Ok(512 << 20));
-        assert_eq!(parse_size("2GiB"), Ok(2 << 30));
-        assert_eq!(parse_size("16g"), Ok(16 << 30));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("-1G").is_err());
-        assert!(parse_size("99999999999999G").is_err());
-    }
+/// Writes a line to stderr; a closed pipe is ignored.
+pub fn say_err(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr().lock(), "{line}");
 }

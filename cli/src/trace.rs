@@ -44,7 +44,7 @@ pub fn trace(cmd: TraceCmd) -> Result<i32> {
         TraceCmd::Stats { file, json } => {
             let s = analyze::summarize(&read(&file)?);
             if json {
-                println!("{}", serde_json::to_string(&s)?);
+                crate::say(&serde_json::to_string(&s)?);
             } else {
                 print!("{}", analyze::render(&s));
             }
@@ -93,11 +93,11 @@ pub fn trace(cmd: TraceCmd) -> Result<i32> {
                     export::write_parquet(&t, f).map_err(anyhow::Error::msg)?;
                 }
             }
-            eprintln!(
+            crate::say_err(&format!(
                 "flotilla: {} events written to {}",
                 t.events.len(),
                 out.display()
-            );
+            ));
         }
     }
     Ok(0)

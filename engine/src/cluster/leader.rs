@@ -52,6 +52,8 @@ struct State {
     console: Vec<u8>,
     console_truncated: bool,
     stats: Vec<Option<(NodeStats, Samples)>>,
+    /// Nodes whose link was lost: their counters will not come.
+    lost: Vec<bool>,
 }
 
 pub(super) struct Leader {
@@ -69,6 +71,7 @@ impl Leader {
             state: Mutex::new(State {
                 returned: vec![None; vcpus as usize],
                 stats: vec![None; nodes as usize],
+                lost: vec![false; nodes as usize],
                 ..Default::default()
             }),
             changed: Condvar::new(),
@@ -196,11 +199,20 @@ impl Leader {
         self.changed.notify_all();
     }
 
-    /// Waits until every node sent its stats, at most `limit`.
+    /// Notes that the link to `node` is gone, so its counters will not arrive.
+    pub fn lost(&self, node: NodeId) {
+        if let Some(l) = self.state().lost.get_mut(node as usize) {
+            *l = true;
+        }
+        self.changed.notify_all();
+    }
+
+    /// Waits until every node that is still connected sent its stats, at most `limit`.
     pub fn wait_stats(&self, limit: Duration) {
         let deadline = Instant::now() + limit;
         let mut s = self.state();
-        while s.stats.iter().any(Option::is_none) && Instant::now() < deadline {
+        let pending = |s: &State| (0..s.stats.len()).any(|n| s.stats[n].is_none() && !s.lost[n]);
+        while pending(&s) && Instant::now() < deadline {
             s = self
                 .changed
                 .wait_timeout(s, POLL)
@@ -213,12 +225,7 @@ impl Leader {
         self.state().ended.unwrap_or_else(Instant::now) - started
     }
 
-    pub fn outcome(
-        &self,
-        result: Result<i32, String>,
-        wall: Duration,
-    ) -> Result<ClusterOutcome, String> {
-        let exit_code = result?;
+    pub fn outcome(&self, result: Result<i32, String>, wall: Duration) -> ClusterOutcome {
         let mut s = self.state();
         let mut totals = NodeStats::default();
         let mut samples = Samples::default();
@@ -226,7 +233,7 @@ impl Leader {
         for (node, entry) in s.stats.iter().enumerate() {
             let Some((st, sm)) = entry else {
                 tracing::warn!(node, "no counters from node");
-                per_node.push(NodeStats::default());
+                per_node.push(None);
                 continue;
             };
             totals.remote_faults += st.remote_faults;
@@ -237,10 +244,10 @@ impl Leader {
             totals.bytes_sent += st.bytes_sent;
             totals.exits += st.exits;
             samples.extend(sm);
-            per_node.push(*st);
+            per_node.push(Some(*st));
         }
-        Ok(ClusterOutcome {
-            exit_code,
+        ClusterOutcome {
+            result,
             report: s.report,
             console: std::mem::take(&mut s.console),
             console_truncated: s.console_truncated,
@@ -248,7 +255,7 @@ impl Leader {
             totals,
             per_node,
             samples,
-        })
+        }
     }
 
     pub fn start_futex_thread(

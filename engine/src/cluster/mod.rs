@@ -139,18 +139,30 @@ pub struct TraceSetup {
     pub meta: TraceMeta,
 }
 
-/// The end of a cluster run, as node 0 reports it.
+/// The end of a cluster run, as node 0 reports it: also after a failure, when what the
+/// guest printed and what the nodes counted matter most.
 #[derive(Debug, Clone)]
 pub struct ClusterOutcome {
-    pub exit_code: i32,
+    /// The guest's exit code, or why the run failed.
+    pub result: Result<i32, String>,
     pub report: Option<u64>,
     pub console: Vec<u8>,
     pub console_truncated: bool,
     pub wall: Duration,
-    /// Counters summed over nodes.
+    /// Counters summed over the nodes that reported theirs.
     pub totals: NodeStats,
-    pub per_node: Vec<NodeStats>,
+    /// Each node's counters; `None` for a node whose counters never arrived.
+    pub per_node: Vec<Option<NodeStats>>,
     pub samples: Samples,
+}
+
+impl ClusterOutcome {
+    /// Nodes whose counters are missing from `totals`.
+    pub fn missing_counters(&self) -> Vec<NodeId> {
+        (0..self.per_node.len() as NodeId)
+            .filter(|&n| self.per_node[n as usize].is_none())
+            .collect()
+    }
 }
 
 /// Why a node could not take part, or why the run failed.

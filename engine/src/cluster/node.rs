@@ -888,6 +888,9 @@ impl Node {
     }
 
     fn link_failed(&self, peer: NodeId, why: TransportError) {
+        if let Some(leader) = &self.leader {
+            leader.lost(peer);
+        }
         let ending = {
             let c = self.control.lock().unwrap_or_else(|p| p.into_inner());
             c.stop_received || c.bye
@@ -1313,7 +1316,7 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
             t.close();
         }
         let wall = leader.wall(run_started);
-        Ok(Some(leader.outcome(result, wall).map_err(NodeError::Run)?))
+        Ok(Some(leader.outcome(result, wall)))
     } else {
         let failure = {
             let mut c = node.control.lock().unwrap_or_else(|p| p.into_inner());
