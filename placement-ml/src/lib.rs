@@ -11,27 +11,7 @@ mod heuristic;
 
 pub use heuristic::Heuristic;
 
-/// A node's index in its cluster (0-based).
-pub type NodeId = u16;
-
-/// What the faulting instruction did to the page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Access {
-    Read,
-    Write,
-    /// An instruction fetch.
-    Execute,
-}
-
-/// What a policy can decide at a remote fault.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Decision {
-    /// Bring the page (or write ownership of it) to the faulting vCPU's node.
-    MovePage,
-    /// Send the vCPU, with its full state, to the node that holds the page; the faulting
-    /// instruction re-executes there.
-    MoveVcpu,
-}
+pub use flotilla_coherence::{Access, Decision, NodeId};
 
 /// One past fault of a vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

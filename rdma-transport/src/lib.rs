@@ -15,16 +15,11 @@ pub mod shm;
 pub mod tcp;
 pub mod wire;
 
+pub use flotilla_coherence::{Access, NodeId, MAX_NODES};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-pub use wire::{Message, NodeStats, Samples, Want, WireError};
-
-/// A node's index in its cluster (0-based).
-pub type NodeId = u16;
-
-/// Most nodes in one cluster.
-pub const MAX_NODES: usize = 64;
+pub use wire::{Message, NodeStats, Samples, WireError};
 
 /// Why a link or a whole mesh failed.
 #[derive(Debug, thiserror::Error)]

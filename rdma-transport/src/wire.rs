@@ -6,7 +6,7 @@
 //! kind's exact or maximum size, every enumerated field, and that the body is consumed
 //! exactly. Bad input is an error naming the problem; it never panics.
 
-use crate::NodeId;
+use crate::{Access, NodeId};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FLTL");
 pub const VERSION: u8 = 2;
@@ -18,13 +18,6 @@ pub const MAX_BODY_BYTES: usize = 64 << 10;
 pub const CONSOLE_CHUNK_BYTES: usize = 32 << 10;
 /// Longest text in an error frame.
 pub const MAX_TEXT_BYTES: usize = 4096;
-
-/// Read or write ownership of a page.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Want {
-    Read,
-    Write,
-}
 
 /// Per-node counters sent to node 0 at the end of a run.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -105,14 +98,14 @@ pub enum Message {
     /// Requester → home: I want the page.
     PageRequest {
         page: u64,
-        want: Want,
+        want: Access,
         requester: NodeId,
     },
     /// Home → owner: send the page to `requester` (and drop or downgrade your copy).
     /// `copies`: how many nodes held a copy when the home took the request.
     Fetch {
         page: u64,
-        want: Want,
+        want: Access,
         requester: NodeId,
         copies: u8,
     },
@@ -129,7 +122,7 @@ pub enum Message {
     /// `copies` is passed on from the home's `Fetch`.
     PageData {
         page: u64,
-        want: Want,
+        want: Access,
         data: Box<[u8; PAGE_BYTES]>,
         copies: u8,
     },
@@ -317,11 +310,10 @@ fn kind_name(kind: u8) -> &'static str {
     }
 }
 
-fn want_byte(w: Want) -> u8 {
-    match w {
-        Want::Read => 0,
-        Want::Write => 1,
-    }
+/// The permission a page message asks for or carries: read or write (an instruction
+/// fetch asks for read; see `Access::permission`).
+fn want_byte(w: Access) -> u8 {
+    w.permission().code()
 }
 
 /// Appends the frame for `msg` to `out`.
@@ -548,8 +540,8 @@ pub fn decode_body(header: Header, body: &[u8]) -> Result<Message, WireError> {
     }
     let mut r = Reader { buf: body, kind };
     let want = |r: &mut Reader| match r.u8()? {
-        0 => Ok(Want::Read),
-        1 => Ok(Want::Write),
+        0 => Ok(Access::Read),
+        1 => Ok(Access::Write),
         v => Err(WireError::Field {
             kind,
             field: "want",
@@ -783,12 +775,12 @@ mod tests {
         vec![
             Message::PageRequest {
                 page: 5,
-                want: Want::Write,
+                want: Access::Write,
                 requester: 3,
             },
             Message::Fetch {
                 page: u64::MAX,
-                want: Want::Read,
+                want: Access::Read,
                 requester: 0,
                 copies: 64,
             },
@@ -796,7 +788,7 @@ mod tests {
             Message::InvalidateAck { page: 1 },
             Message::PageData {
                 page: 9,
-                want: Want::Read,
+                want: Access::Read,
                 data,
                 copies: 2,
             },
@@ -889,7 +881,7 @@ mod tests {
         encode(
             &Message::PageRequest {
                 page: 1,
-                want: Want::Read,
+                want: Access::Read,
                 requester: 0,
             },
             &mut req,

@@ -1,19 +1,20 @@
 //! The frame decoder against arbitrary and mutated input: it must never panic, never
 //! accept a frame whose re-encoding differs, and name what is wrong.
 
-use flotilla_transport::wire::{self, Message, Want, HEADER_BYTES, PAGE_BYTES};
+use flotilla_transport::wire::{self, Message, HEADER_BYTES, PAGE_BYTES};
+use flotilla_transport::Access;
 use proptest::prelude::*;
 
 fn valid_frames() -> Vec<Vec<u8>> {
     let msgs = [
         Message::PageRequest {
             page: 77,
-            want: Want::Write,
+            want: Access::Write,
             requester: 2,
         },
         Message::PageData {
             page: 9,
-            want: Want::Read,
+            want: Access::Read,
             data: Box::new([5u8; PAGE_BYTES]),
             copies: 3,
         },

@@ -60,7 +60,7 @@ KIND_NAMES = {
     6: "invalidate",
     7: "access_sample",
 }
-ACCESS_NAMES = ("read", "write", "fetch")
+ACCESS_NAMES = ("read", "write", "execute")
 DECISION_NAMES = ("none", "move_page", "move_vcpu")
 FLAG_FORCED = 1
 FLAG_HAD_REPLICA = 2

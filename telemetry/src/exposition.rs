@@ -296,7 +296,15 @@ fn check_histogram(f: &Family) -> Result<(), ExpositionError> {
             return err(line, format!("{}: stray sample {}", f.name, s.name));
         }
     }
-    for (labels, HistogramSeries { buckets, count, sum }) in groups {
+    for (
+        labels,
+        HistogramSeries {
+            buckets,
+            count,
+            sum,
+        },
+    ) in groups
+    {
         let what = |w: &str| format!("histogram {} {labels:?}: {w}", f.name);
         if buckets.windows(2).any(|w| w[1].0 <= w[0].0) {
             return err(line, what("le bounds are not ascending"));

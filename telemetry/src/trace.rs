@@ -90,15 +90,15 @@ impl EventKind {
     }
 }
 
-pub const ACCESS_READ: u8 = 0;
-pub const ACCESS_WRITE: u8 = 1;
-pub const ACCESS_FETCH: u8 = 2;
-pub const ACCESS_NAMES: [&str; 3] = ["read", "write", "fetch"];
-
+// The `access` and `decision` bytes of an event are the codes of the one vocabulary in
+// flotilla-coherence; `decision` 0 marks an event that is not a decision.
+pub use flotilla_coherence::{Access, Decision};
+pub const ACCESS_READ: u8 = Access::Read.code();
+pub const ACCESS_WRITE: u8 = Access::Write.code();
+pub const ACCESS_EXECUTE: u8 = Access::Execute.code();
 pub const DECISION_NONE: u8 = 0;
-pub const DECISION_MOVE_PAGE: u8 = 1;
-pub const DECISION_MOVE_VCPU: u8 = 2;
-pub const DECISION_NAMES: [&str; 3] = ["none", "move_page", "move_vcpu"];
+pub const DECISION_MOVE_PAGE: u8 = Decision::MovePage.code();
+pub const DECISION_MOVE_VCPU: u8 = Decision::MoveVcpu.code();
 
 /// Flag bits of [`Event::flags`].
 pub mod flags {
@@ -138,18 +138,24 @@ impl Event {
         EventKind::from_u8(self.kind)
     }
 
+    pub fn access(&self) -> Option<Access> {
+        Access::from_code(self.access)
+    }
+
+    /// `None` for an event that is not a decision (or an unknown code).
+    pub fn decision(&self) -> Option<Decision> {
+        Decision::from_code(self.decision)
+    }
+
     pub fn access_name(&self) -> &'static str {
-        ACCESS_NAMES
-            .get(self.access as usize)
-            .copied()
-            .unwrap_or("?")
+        self.access().map_or("?", Access::name)
     }
 
     pub fn decision_name(&self) -> &'static str {
-        DECISION_NAMES
-            .get(self.decision as usize)
-            .copied()
-            .unwrap_or("?")
+        match self.decision {
+            DECISION_NONE => "none",
+            _ => self.decision().map_or("?", Decision::name),
+        }
     }
 }
 
@@ -365,14 +371,14 @@ fn check_event(e: &Event, nodes: u16, vcpus: u32) -> Result<(), String> {
             e.replicas
         ));
     }
-    if e.access as usize >= ACCESS_NAMES.len() {
+    if e.access().is_none() {
         return Err(format!(
             "{} event has access kind {}",
             kind.name(),
             e.access
         ));
     }
-    if e.decision as usize >= DECISION_NAMES.len() {
+    if e.decision != DECISION_NONE && e.decision().is_none() {
         return Err(format!("{} event has decision {}", kind.name(), e.decision));
     }
     if e.flags & !flags::ALL != 0 {

@@ -8,7 +8,7 @@
 //! rules out two writable copies and lost pages, and the queue is what rules out
 //! starvation and deadlock (see the protocol document for the argument).
 
-use flotilla_transport::{Message, NodeId, Want};
+use flotilla_transport::{Access, Message, NodeId};
 use std::collections::{HashMap, VecDeque};
 
 /// A message the directory wants sent.
@@ -41,7 +41,7 @@ struct Transaction {
     acks: u32,
     /// Sent once every acknowledgement is in.
     then: Option<Outgoing>,
-    queue: VecDeque<(NodeId, Want)>,
+    queue: VecDeque<(NodeId, Access)>,
 }
 
 /// See the module documentation.
@@ -117,9 +117,10 @@ impl PageDirectory {
         &mut self,
         page: u64,
         from: NodeId,
-        want: Want,
+        want: Access,
     ) -> Result<Vec<Outgoing>, ProtocolError> {
         let i = self.index(page, from, "PageRequest")?;
+        let want = want.permission();
         if let Some(t) = self.busy.get_mut(&page) {
             t.queue.push_back((from, want));
             return Ok(Vec::new());
@@ -132,8 +133,8 @@ impl PageDirectory {
         i: usize,
         page: u64,
         requester: NodeId,
-        want: Want,
-        queue: VecDeque<(NodeId, Want)>,
+        want: Access,
+        queue: VecDeque<(NodeId, Access)>,
     ) -> Vec<Outgoing> {
         let bit = |n: NodeId| 1u64 << n;
         let owner = self.owner[i];
@@ -142,8 +143,8 @@ impl PageDirectory {
         let mut out = Vec::new();
         let mut acks = 0;
         match want {
-            Want::Read => self.copyset[i] |= bit(requester),
-            Want::Write => {
+            Access::Read | Access::Execute => self.copyset[i] |= bit(requester),
+            Access::Write => {
                 // Everyone but the requester drops their copy; the owner's copy is
                 // dropped by the Fetch that moves it, unless the requester already has
                 // the contents.
@@ -265,7 +266,7 @@ mod tests {
     struct Cache {
         state: Vec<St>,
         value: Vec<u64>,
-        pending: Vec<Option<Want>>,
+        pending: Vec<Option<Access>>,
         arrived: Vec<bool>,
     }
 
@@ -362,7 +363,7 @@ mod tests {
                         return Err(format!("node {to} asked to send page {page} it lacks"));
                     }
                     let v = c.value[p];
-                    c.state[p] = if want == Want::Read {
+                    c.state[p] = if want == Access::Read {
                         St::Shared
                     } else {
                         St::Invalid
@@ -395,7 +396,7 @@ mod tests {
                     if c.state[p] != St::Invalid || c.pending[p].is_none() {
                         return Err(format!("page {page} arrived at node {to} unexpectedly"));
                     }
-                    c.state[p] = if want == Want::Read {
+                    c.state[p] = if want == Access::Read {
                         St::Shared
                     } else {
                         St::Owned
@@ -412,7 +413,7 @@ mod tests {
                     if c.state[p] == St::Invalid {
                         return Err(format!("grant of page {page} at node {to}, which lacks it"));
                     }
-                    if want == Want::Write {
+                    if want == Access::Write {
                         c.state[p] = St::Owned;
                     }
                     c.arrived[p] = true;
@@ -422,12 +423,12 @@ mod tests {
             Ok(())
         }
 
-        fn allows(s: St, w: Want) -> bool {
-            matches!((s, w), (St::Owned, _) | (St::Shared, Want::Read))
+        fn allows(s: St, w: Access) -> bool {
+            matches!((s, w), (St::Owned, _) | (St::Shared, Access::Read))
         }
 
         /// Node `x` wants page `p`: start a request, or use a page that arrived.
-        fn want(&mut self, x: NodeId, p: u64, w: Want) -> Result<(), String> {
+        fn want(&mut self, x: NodeId, p: u64, w: Access) -> Result<(), String> {
             let c = &mut self.caches[x as usize];
             let i = p as usize;
             if c.arrived[i] {
@@ -437,7 +438,7 @@ mod tests {
                 if !Self::allows(c.state[i], w) {
                     return Err(format!("node {x}: page {p} arrived unusable for {w:?}"));
                 }
-                if w == Want::Write {
+                if w == Access::Write {
                     self.writes += 1;
                     c.value[i] = self.writes;
                     self.last[i] = self.writes;
@@ -522,7 +523,7 @@ mod tests {
         let mut w = World::new(n, pages);
         for &(kind, a, b, write) in steps {
             if kind % 3 == 0 {
-                let want = if write { Want::Write } else { Want::Read };
+                let want = if write { Access::Write } else { Access::Read };
                 w.want(a as NodeId % n, b as u64 % pages, want)?;
             } else {
                 w.deliver_one(a as usize * 7 + b as usize)?;
@@ -542,7 +543,7 @@ mod tests {
             for x in 0..n {
                 for p in 0..pages {
                     if w.caches[x as usize].arrived[p as usize] {
-                        w.want(x, p, Want::Read)?;
+                        w.want(x, p, Access::Read)?;
                         used = true;
                     }
                 }
@@ -580,14 +581,14 @@ mod tests {
         // Four nodes ask for write ownership of page 0 together, then all messages flow.
         let mut w = World::new(4, 1);
         for x in 1..4 {
-            w.want(x, 0, Want::Write).unwrap();
+            w.want(x, 0, Access::Write).unwrap();
         }
         for round in 0..10_000 {
             if !w.deliver_one(round).unwrap() {
                 let mut any = false;
                 for x in 0..4 {
                     if w.caches[x as usize].arrived[0] {
-                        w.want(x, 0, Want::Write).unwrap();
+                        w.want(x, 0, Access::Write).unwrap();
                         any = true;
                     }
                 }
@@ -605,7 +606,7 @@ mod tests {
     fn misbehaving_peers_are_named() {
         let mut d = PageDirectory::new(0, 2, 0, 4, |p| (p % 2 == 0).then_some((0, 1)));
         assert!(matches!(
-            d.request(1, 1, Want::Read),
+            d.request(1, 1, Access::Read),
             Err(ProtocolError::NotHome { .. })
         ));
         assert!(matches!(
@@ -617,10 +618,10 @@ mod tests {
             Err(ProtocolError::Unexpected { .. })
         ));
         assert!(matches!(
-            d.request(0, 9, Want::Read),
+            d.request(0, 9, Access::Read),
             Err(ProtocolError::BadNode { .. })
         ));
-        let out = d.request(0, 1, Want::Write).unwrap();
+        let out = d.request(0, 1, Access::Write).unwrap();
         assert_eq!(out.len(), 1);
         assert!(matches!(
             d.done(0, 0),

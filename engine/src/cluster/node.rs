@@ -25,9 +25,9 @@ use flotilla_telemetry::health::HealthReader;
 use flotilla_telemetry::http::MetricsServer;
 use flotilla_telemetry::metrics::{Direction, NodeMetrics, Snapshot};
 use flotilla_telemetry::record::Recorder;
-use flotilla_telemetry::trace::{Event, EventKind, ACCESS_READ, ACCESS_WRITE, NONE16};
+use flotilla_telemetry::trace::{Event, EventKind, NONE16};
 use flotilla_transport::{
-    wire::MAX_SAMPLES, Handler, Message, NodeStats, Samples, Transport, TransportError, Want,
+    wire::MAX_SAMPLES, Access, Handler, Message, NodeStats, Samples, Transport, TransportError,
 };
 use sampler::Armed;
 use std::collections::HashMap;
@@ -61,10 +61,10 @@ impl PageState {
         }
     }
 
-    pub fn allows(self, want: Want) -> bool {
+    pub fn allows(self, want: Access) -> bool {
         matches!(
             (self, want),
-            (PageState::Owned, _) | (PageState::Shared, Want::Read)
+            (PageState::Owned, _) | (PageState::Shared, Access::Read | Access::Execute)
         )
     }
 }
@@ -154,7 +154,7 @@ impl Slot {
 
 #[derive(Default)]
 struct Waiting {
-    in_flight: Option<Want>,
+    in_flight: Option<Access>,
     slots: Vec<Arc<Slot>>,
 }
 
@@ -416,11 +416,11 @@ impl Node {
     }
 
     /// Records a page event (no vCPU) if this node traces.
-    fn trace_page(&self, kind: EventKind, page: u64, peer: NodeId, want: Want, replicas: u16) {
+    fn trace_page(&self, kind: EventKind, page: u64, peer: NodeId, want: Access, replicas: u16) {
         if self.tracing() {
             let mut e = self.event(kind, u32::MAX, page);
             e.peer = peer;
-            e.access = want_access(want);
+            e.access = want.code();
             e.replicas = replicas;
             self.record(e);
         }
@@ -489,7 +489,7 @@ impl Node {
 
     /// Waits until this node may use `page` for `want`, fetching it if needed. Returns
     /// with the page's lock held; [`Node::release`] ends the use.
-    pub fn acquire(&self, page: u64, want: Want, slot: &Arc<Slot>) -> Result<Held<'_>, String> {
+    pub fn acquire(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<Held<'_>, String> {
         let mut done_to = None;
         loop {
             {
@@ -568,7 +568,7 @@ impl Node {
         }
     }
 
-    fn wake_waiters(&self, page: u64) -> Option<Want> {
+    fn wake_waiters(&self, page: u64) -> Option<Access> {
         let entry = self
             .waiting
             .lock()
@@ -593,7 +593,7 @@ impl Node {
     fn serve_fetch(
         &self,
         page: u64,
-        want: Want,
+        want: Access,
         requester: NodeId,
         copies: u8,
     ) -> Result<(), String> {
@@ -622,8 +622,10 @@ impl Node {
                 self.copy_armed(page, &mut data);
             }
             match want {
-                Want::Read => self.set_state(page, PageState::Shared, populated),
-                Want::Write => {
+                Access::Read | Access::Execute => {
+                    self.set_state(page, PageState::Shared, populated)
+                }
+                Access::Write => {
                     if populated {
                         self.uffd.drop_pages(gpa, PAGE).map_err(uffd_err)?;
                     }
@@ -651,7 +653,7 @@ impl Node {
     fn install(
         &self,
         page: u64,
-        want: Want,
+        want: Access,
         data: &[u8; PAGE as usize],
         copies: u8,
         from: NodeId,
@@ -665,7 +667,7 @@ impl Node {
                     "node {me}: page {page:#x} arrived while this node holds it ({state:?})"
                 ));
             }
-            let read_only = want == Want::Read;
+            let read_only = want == Access::Read;
             self.uffd
                 .install(page * PAGE, data, read_only)
                 .map_err(|e| format!("node {me}: {e}"))?;
@@ -683,7 +685,7 @@ impl Node {
         }
         self.metrics.page_move(Direction::In);
         self.trace_page(EventKind::PageIn, page, from, want, copies as u16);
-        if want == Want::Read {
+        if want == Access::Read {
             self.counters.replicas_made.fetch_add(1, Ordering::Relaxed);
         }
         if self.wake_waiters(page).is_none() {
@@ -709,7 +711,7 @@ impl Node {
                     "node {me}: granted page {page:#x}, which it does not hold"
                 ));
             }
-            if want == Want::Write {
+            if want == Access::Write {
                 if state == PageState::Shared && populated {
                     self.uffd
                         .protect(page * PAGE, PAGE, false)
@@ -740,7 +742,7 @@ impl Node {
             self.bump_heat(page);
         }
         self.metrics.invalidation();
-        self.trace_page(EventKind::Invalidate, page, owner, Want::Read, NONE16);
+        self.trace_page(EventKind::Invalidate, page, owner, Access::Read, NONE16);
         self.send(from, Message::InvalidateAck { page });
         Ok(())
     }
@@ -974,14 +976,6 @@ impl Node {
     }
 }
 
-/// The trace's access kind for a coherence want.
-pub(super) fn want_access(want: Want) -> u8 {
-    match want {
-        Want::Read => ACCESS_READ,
-        Want::Write => ACCESS_WRITE,
-    }
-}
-
 impl Handler for Node {
     fn deliver(&self, from: NodeId, msg: Message) {
         self.handle(from, msg);
@@ -1003,7 +997,7 @@ impl CoherentView<'_> {
         &self,
         addr: u64,
         len: usize,
-        want: Want,
+        want: Access,
         mut f: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), MemoryError>,
     ) -> Result<(), MemoryError> {
         self.check(addr, len as u64)?;
@@ -1013,7 +1007,7 @@ impl CoherentView<'_> {
             let page = at / PAGE;
             let n = ((PAGE - at % PAGE) as usize).min(len - done);
             if page < self.node.first_page {
-                if want == Want::Write {
+                if want == Access::Write {
                     return Err(MemoryError::OutOfRange {
                         addr: at,
                         len: n as u64,
@@ -1037,7 +1031,7 @@ impl CoherentView<'_> {
 
     pub fn write_bytes(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
         let mem = &self.node.memory;
-        self.each_page(addr, data.len(), Want::Write, |at, r| {
+        self.each_page(addr, data.len(), Access::Write, |at, r| {
             mem.write(at, &data[r])
         })
     }
@@ -1051,7 +1045,7 @@ impl GuestRead for CoherentView<'_> {
     fn read_bytes(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let mem = &self.node.memory;
         let len = buf.len();
-        self.each_page(addr, len, Want::Read, |at, r| mem.read(at, &mut buf[r]))
+        self.each_page(addr, len, Access::Read, |at, r| mem.read(at, &mut buf[r]))
     }
 }
 

@@ -13,9 +13,7 @@
 //! brings the page, and a second MMIO fragment of one instruction always brings its page.
 
 use super::decode;
-use super::node::{
-    monotonic_ns, want_access, Arrival, CoherentView, Node, PageState, Sample, Slot,
-};
+use super::node::{monotonic_ns, Arrival, CoherentView, Node, PageState, Sample, Slot};
 use super::uffd::PAGE;
 use crate::hypercall::{self, result_offset, Hypercall};
 use crate::kvm::{Exit, Flushed, Vcpu, VcpuState};
@@ -25,7 +23,7 @@ use flotilla_abi::errno;
 use flotilla_placement::{Access, Decision, FaultContext, FaultRecord, History};
 use flotilla_telemetry::metrics::Direction;
 use flotilla_telemetry::trace::{self, flags, EventKind};
-use flotilla_transport::{wire::CONSOLE_CHUNK_BYTES, Message, NodeId, Want};
+use flotilla_transport::{wire::CONSOLE_CHUNK_BYTES, Message, NodeId};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -199,12 +197,12 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
                     let armed = node.populate(page, state)?;
                     drop(g);
                     if let Some(armed_ns) = armed {
-                        note_sample(node, id, page, Want::Read, 0, armed_ns);
+                        note_sample(node, id, page, Access::Read, 0, armed_ns);
                     }
                     return Ok(Flow::Continue);
                 }
             }
-            let held = node.acquire(page, Want::Write, slot)?;
+            let held = node.acquire(page, Access::Write, slot)?;
             node.release(held, page);
             Ok(Flow::Continue)
         }
@@ -228,7 +226,7 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
                     state != PageState::Invalid
                 };
                 if !present {
-                    let held = node.acquire(page, Want::Read, slot)?;
+                    let held = node.acquire(page, Access::Execute, slot)?;
                     node.release(held, page);
                     fetched = true;
                 }
@@ -289,7 +287,7 @@ fn write_fault(
     // (install it here) or not held well enough (a remote fault).
     let mut target = None;
     'find: for a in &accesses {
-        let want = if a.write { Want::Write } else { Want::Read };
+        let want = if a.write { Access::Write } else { Access::Read };
         for page in [a.addr / PAGE, (a.addr + a.len - 1) / PAGE] {
             if page < node.first_page || page >= node.pages() {
                 continue;
@@ -354,7 +352,7 @@ fn write_fault(
 /// A remote fault: what the policy is told, and what the trace records.
 struct Fault {
     page: u64,
-    want: Want,
+    want: Access,
     /// The node believed to hold the page.
     holder: NodeId,
     rip: u64,
@@ -364,8 +362,8 @@ struct Fault {
 
 impl Fault {
     /// Counts a remote fault on `page`, which this node holds as `state`.
-    fn new(node: &Node, page: u64, want: Want, state: PageState, rip: u64, flags: u8) -> Self {
-        node.metrics.remote_fault(want == Want::Write);
+    fn new(node: &Node, page: u64, want: Access, state: PageState, rip: u64, flags: u8) -> Self {
+        node.metrics.remote_fault(want == Access::Write);
         let replica = if state == PageState::Shared {
             flags::HAD_REPLICA
         } else {
@@ -391,7 +389,7 @@ fn fault_event(node: &Node, id: u32, f: &Fault, decision: u8, service: Duration)
     e.t_ns = e.t_ns.saturating_sub(service.as_nanos() as u64);
     e.rip = f.rip;
     e.peer = f.holder;
-    e.access = want_access(f.want);
+    e.access = f.want.code();
     e.decision = decision;
     e.flags = f.flags;
     e.service_ns = nanos(service);
@@ -419,19 +417,19 @@ fn shipped(node: &Node, id: u32, f: &Fault, service: Duration, capture: Duration
         let mut e = node.event(EventKind::VcpuOut, id, f.page);
         e.peer = f.holder;
         e.rip = f.rip;
-        e.access = want_access(f.want);
+        e.access = f.want.code();
         e.service_ns = nanos(capture);
         node.record(e);
     }
 }
 
 /// A sampled access (the page was armed by the sampler at `armed_ns`).
-fn note_sample(node: &Node, id: u32, page: u64, want: Want, rip: u64, armed_ns: u64) {
+fn note_sample(node: &Node, id: u32, page: u64, want: Access, rip: u64, armed_ns: u64) {
     node.metrics.access_sample();
     if node.tracing() {
         let mut e = node.event(EventKind::AccessSample, id, page);
         e.rip = rip;
-        e.access = want_access(want);
+        e.access = want.code();
         e.service_ns = nanos(Duration::from_nanos(
             monotonic_ns().saturating_sub(armed_ns),
         ));
@@ -457,11 +455,7 @@ fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: V
 /// then the fault is flagged so).
 fn decide(node: &Node, ctx: &mut Ctx, id: u32, f: &mut Fault, forced: bool) -> Decision {
     let (page, holder) = (f.page, f.holder);
-    let access = if f.want == Want::Write {
-        Access::Write
-    } else {
-        Access::Read
-    };
+    let access = f.want;
     let ruled = forced || holder == node.me;
     if ruled {
         f.flags |= flags::FORCED;
@@ -548,7 +542,7 @@ fn fault(
     let mut first = true;
     while let Some((addr, write, len)) = next {
         let page = check_page(node, id, addr, len)?;
-        let want = if write { Want::Write } else { Want::Read };
+        let want = if write { Access::Write } else { Access::Read };
         // This node holds the page but never touched it: install and go on.
         let state = {
             let guard = node.lock(page);
