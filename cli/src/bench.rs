@@ -210,6 +210,7 @@ fn bench_run(
         ram: ram.to_string(),
         timeout: Some(std::time::Duration::from_secs(300)),
         echo_rounds: echo,
+        cpus_per_node: None,
         observe: Default::default(),
         inject_health: Vec::new(),
     };
@@ -388,6 +389,7 @@ fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> 
                     ram: "contiguous".into(),
                     timeout: Some(std::time::Duration::from_secs(300)),
                     echo_rounds: 0,
+                    cpus_per_node: None,
                     observe: crate::node::ObserveArgs {
                         metrics: None,
                         metrics_linger: None,

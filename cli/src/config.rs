@@ -54,6 +54,10 @@ pub struct ClusterFile {
     pub epoch_ns: Option<u64>,
     #[serde(default)]
     pub echo_rounds: u32,
+    /// Confine node K to the K-th run of this many CPUs of its host (for nodes that share
+    /// a host: see `cpus`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus_per_node: Option<u32>,
 }
 
 fn default_transport() -> String {

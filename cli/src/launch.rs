@@ -39,6 +39,8 @@ pub struct Launch {
     pub ram: String,
     pub timeout: Option<Duration>,
     pub echo_rounds: u32,
+    /// Pin each node to its own CPUs (`--cpus-per-node`).
+    pub cpus_per_node: Option<u32>,
     pub observe: ObserveArgs,
     /// Health signals to inject, by node.
     pub inject_health: Vec<(u16, String, f64)>,
@@ -177,9 +179,14 @@ fn launch_caught(l: &Launch) -> Result<Reported> {
         timeout_s: l.timeout.map(|t| t.as_secs_f64()),
         epoch_ns: Some(monotonic_ns()),
         echo_rounds: l.echo_rounds,
+        cpus_per_node: l.cpus_per_node,
     };
     // Validate here first, so a bad option fails once, clearly, before any process.
     config::setup(&file, Some(0), SecretSource::Given(secret.as_bytes()))?;
+    let cpu_sets = match l.cpus_per_node {
+        Some(c) => Some(crate::cpus::layout(&crate::cpus::allowed()?, l.nodes, c)?),
+        None => None,
+    };
     let metrics = metrics_addrs(l)?;
     if let Some(path) = &l.observe.trace {
         let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
@@ -300,10 +307,12 @@ fn launch_caught(l: &Launch) -> Result<Reported> {
             // an error of their own.
             let (id, status) = first_death(&mut children).unwrap_or((id, status));
             kill_all(&mut children);
-            return Ok(Reported::failed(
+            let mut failed = Reported::failed(
                 l.nodes,
                 format!("node {id} died ({status}) before the run ended"),
-            ));
+            );
+            failed.cpu_sets = cpu_sets;
+            return Ok(failed);
         }
         std::thread::sleep(Duration::from_millis(20));
     };
@@ -325,6 +334,7 @@ fn launch_caught(l: &Launch) -> Result<Reported> {
         bail!("stopped by signal {sig}");
     }
     let mut reported = Reported::from_line(&line)?;
+    reported.cpu_sets = cpu_sets;
     if let Some(path) = &l.observe.trace {
         if !clean {
             bail!("a node did not end cleanly; its trace is incomplete, so none was written");

@@ -9,6 +9,7 @@
 
 mod bench;
 mod config;
+mod cpus;
 mod launch;
 mod node;
 mod report;

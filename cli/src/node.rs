@@ -109,6 +109,11 @@ pub fn node(args: NodeArgs) -> Result<i32> {
     let mut setup = config::setup(&file, args.id, source)?;
     drop(secret);
     let me = setup.me;
+    if let Some(per_node) = file.cpus_per_node {
+        // Before the engine starts any thread: they all inherit the mask.
+        let sets = crate::cpus::layout(&crate::cpus::allowed()?, setup.spec.nodes, per_node)?;
+        crate::cpus::confine(&sets[me as usize])?;
+    }
     setup.observe = Observe {
         metrics_addr: args.observe.metrics,
         metrics_linger: args.observe.metrics_linger.map(Duration::from_secs_f64),

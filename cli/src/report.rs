@@ -30,6 +30,8 @@ pub struct Reported {
     pub samples: Samples,
     /// Events in the merged trace, if one was recorded.
     pub trace_events: Option<u64>,
+    /// The CPUs each node was confined to (`--cpus-per-node`), by node.
+    pub cpu_sets: Option<Vec<Vec<usize>>>,
 }
 
 impl Reported {
@@ -45,6 +47,7 @@ impl Reported {
             per_node: vec![None; nodes as usize],
             samples: Samples::default(),
             trace_events: None,
+            cpu_sets: None,
         }
     }
 
@@ -59,6 +62,7 @@ impl Reported {
             per_node: o.per_node,
             samples: o.samples,
             trace_events: None,
+            cpu_sets: None,
         }
     }
 
@@ -135,6 +139,7 @@ impl Reported {
             per_node,
             samples,
             trace_events: None,
+            cpu_sets: None,
         })
     }
 }
@@ -282,6 +287,7 @@ pub fn summary(info: &RunInfo, r: &Reported, reference: Option<u64>) -> Value {
         "console": r.console,
         "console_truncated": r.console_truncated,
         "trace_events": r.trace_events,
+        "cpu_sets": r.cpu_sets,
     });
     if let Err(e) = &r.result {
         obj["error"] = json!(e);

@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// Initial spread of guest RAM: contiguous (equal ranges) or interleave (by page).
     #[arg(long, default_value = "contiguous")]
     pub ram: String,
+    /// Confine each node process to its own C CPUs (node K: the K-th C of the CPUs this
+    /// process may use), so nodes never share a CPU. Runs the guest as a cluster.
+    #[arg(long, value_name = "C")]
+    pub cpus_per_node: Option<u32>,
     /// Metrics, trace and access sampling (any of them runs the guest as a cluster, of
     /// one node unless --nodes says more).
     #[command(flatten)]
@@ -186,7 +190,9 @@ fn reference(plan: &Plan, args: &RunArgs) -> Result<Option<u64>> {
 
 pub fn run(args: RunArgs) -> Result<i32> {
     let demo = args.workload.is_none() && args.image.is_none();
-    let observed = (args.observe.any() || !args.inject_health.is_empty()).then_some(1);
+    let observed =
+        (args.observe.any() || !args.inject_health.is_empty() || args.cpus_per_node.is_some())
+            .then_some(1);
     let cluster = args.nodes.or(demo.then_some(DEFAULT_NODES)).or(observed);
     let plan = plan(&args, cluster.unwrap_or(1))?;
     let reported = match cluster {
@@ -235,6 +241,7 @@ fn run_here(plan: &Plan) -> Reported {
                 per_node: vec![Some(stats)],
                 samples: Default::default(),
                 trace_events: None,
+                cpu_sets: None,
             }
         }
         Err(e) => Reported::failed(1, e.to_string()),
@@ -256,6 +263,7 @@ fn launch_of(args: &RunArgs, plan: &Plan) -> Launch {
         ram: args.ram.clone(),
         timeout: plan.config.timeout,
         echo_rounds: 0,
+        cpus_per_node: args.cpus_per_node,
         observe: args.observe.clone(),
         inject_health: args.inject_health.clone(),
     }

@@ -334,3 +334,125 @@ fn bad_cluster_options_are_named() {
         assert!(text.contains(needle), "{args:?}: {text}");
     }
 }
+
+/// The CPUs a process (or thread) may run on, from /proc.
+fn cpus_allowed(status_path: &str) -> String {
+    std::fs::read_to_string(status_path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn pinned_nodes_run_every_thread_on_their_own_cpus() {
+    if !kvm() {
+        return;
+    }
+    let here = cpus_allowed("/proc/self/status");
+    let ncpus = here
+        .split(',')
+        .map(|r| match r.split_once('-') {
+            Some((a, b)) => b.parse::<usize>().unwrap() - a.parse::<usize>().unwrap() + 1,
+            None => 1,
+        })
+        .sum::<usize>();
+    // A layout the host cannot give is refused, saying what it can give.
+    let too_many = (ncpus + 1).to_string();
+    let out = flotilla(&[
+        "run",
+        "--workload",
+        "stream",
+        "--nodes",
+        &too_many,
+        "--cpus-per-node",
+        "1",
+    ]);
+    let err = common::stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("needs {} CPUs", ncpus + 1)), "{err}");
+    assert!(err.contains(&format!("at most {ncpus} node")), "{err}");
+    if ncpus < 2 {
+        return;
+    }
+    let child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "run",
+            "--workload",
+            "stream",
+            "--args",
+            "n=2m reps=40",
+            "--vcpus",
+            "2",
+        ])
+        .args([
+            "--nodes",
+            "2",
+            "--cpus-per-node",
+            "1",
+            "--json",
+            "--timeout",
+            "60",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // While it runs, every thread of each node is confined to one CPU, and the two differ.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen: Vec<String> = Vec::new();
+    while Instant::now() < deadline && seen.len() < 2 {
+        let text = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
+            .unwrap_or_default();
+        let nodes: Vec<u32> = text
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        if nodes.len() == 2 {
+            std::thread::sleep(Duration::from_millis(300));
+            seen.clear();
+            for n in nodes {
+                let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{n}/task"))
+                    .map(|d| {
+                        d.filter_map(|e| e.ok())
+                            .map(|e| e.file_name().to_string_lossy().into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let sets: std::collections::BTreeSet<String> = tasks
+                    .iter()
+                    .map(|t| cpus_allowed(&format!("/proc/{n}/task/{t}/status")))
+                    .filter(|s| !s.is_empty())
+                    .collect();
+                assert!(
+                    sets.len() <= 1,
+                    "node {n}'s threads run on different sets: {sets:?}"
+                );
+                seen.extend(sets);
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    let v = json(&out);
+    assert_eq!(v["verified"], true, "{v}");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    assert_ne!(seen[0], seen[1], "both nodes on the same CPU");
+    let sets = v["cpu_sets"].as_array().expect("cpu_sets in the JSON");
+    assert_eq!(sets.len(), 2);
+    let reported: Vec<String> = sets
+        .iter()
+        .map(|s| s[0].as_u64().unwrap().to_string())
+        .collect();
+    let mut seen_sorted = seen.clone();
+    seen_sorted.sort();
+    let mut reported_sorted = reported.clone();
+    reported_sorted.sort();
+    assert_eq!(
+        seen_sorted, reported_sorted,
+        "the JSON names the CPUs the nodes ran on"
+    );
+}
