@@ -1,4 +1,4 @@
-//! userfaultfd over guest RAM, in the mode ../shared/notes/host-kvm.md describes: with
+//! userfaultfd over guest RAM, in the mode docs/host-kvm.md describes: with
 //! `UFFD_FEATURE_SIGBUS`, a guest access to a page that is not installed comes back to
 //! the vCPU thread as an MMIO exit at the faulting instruction (no handler thread, no
 //! blocking in the kernel), and a write to a write-protected page does the same. The

@@ -2,12 +2,12 @@
 //! the guest; a vCPU runs on exactly one node at a time and its thread elsewhere waits
 //! for it to arrive.
 //!
-//! A fault comes back as an MMIO exit at the faulting instruction (host-kvm.md). If this
-//! node can satisfy it (a page held but not yet touched), the page is installed and the
-//! MMIO completed. Otherwise the policy chooses: bring the page (acquire it, complete the
-//! pending access against it, flush the instruction with `immediate_exit` while the page
-//! is held, tell the home we are done) or send the vCPU to the page's holder (capture its
-//! state, which is the state before the instruction, flush the stale access while the
+//! A fault comes back as an MMIO exit at the faulting instruction (docs/host-kvm.md). If
+//! this node can satisfy it (a page held but not yet touched), the page is installed and
+//! the MMIO completed. Otherwise the policy chooses: bring the page (acquire it, complete
+//! the pending access against it, flush the instruction with `immediate_exit` while the
+//! page is held, tell the home we are done) or send the vCPU to the page's holder (capture
+//! its state, which is the state before the instruction, flush the stale access while the
 //! page cannot arrive here, ship the state). Two rules guarantee progress whatever the
 //! policy says: a vCPU that arrives for a page and faults again at the same instruction
 //! brings the page, and a second MMIO fragment of one instruction always brings its page.

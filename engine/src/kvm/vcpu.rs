@@ -287,7 +287,7 @@ impl Vcpu {
 
     /// Enters `KVM_RUN` with `immediate_exit` set: KVM completes the pending MMIO (or
     /// I/O) instruction and returns before running any further guest code. See
-    /// ../shared/notes/host-kvm.md: a locked read-modify-write whose page is not here
+    /// docs/host-kvm.md: a locked read-modify-write whose page is not here
     /// ends in an emulation failure, which leaves the vCPU usable.
     pub fn flush(&mut self) -> Result<Flushed, KvmError> {
         self.fd.set_kvm_immediate_exit(1);

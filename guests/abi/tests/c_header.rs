@@ -25,8 +25,9 @@ fn render() -> String {
         " * GENERATED from guests/abi/src/lib.rs by guests/abi/tests/c_header.rs; do not edit.",
         " * Regenerate with: FLOTILLA_BLESS=1 cargo test -p flotilla-abi --test c_header",
         " * Reference: docs/guest-abi.md. Build guests with",
-        " *   gcc -ffreestanding -nostdlib -static -fno-pie -no-pie -fno-stack-protector \\",
-        " *       -Wl,-Ttext-segment=0x400000",
+        " *   gcc -ffreestanding -nostdlib -static -fno-pie -no-pie -fno-stack-protector -O2 \\",
+        " *       -I guests/include -Wl,-Ttext-segment=0x400000 -Wl,--build-id=none \\",
+        " *       -o guest.elf guest.c",
         " */",
         "#ifndef FLOTILLA_H",
         "#define FLOTILLA_H",
@@ -199,7 +200,8 @@ static inline const struct flotilla_boot_info *flotilla_boot_info(void) {
 
 static inline __attribute__((noreturn)) void flotilla_exit(int32_t status) {
     flotilla_out(FLOTILLA_HC_EXIT, (uint32_t)status);
-    for (;;) __asm__ volatile("hlt");
+    /* EXIT does not return. Spin rather than hlt, which faults at CPL 3. */
+    for (;;) __asm__ volatile("pause");
 }
 
 static inline int64_t flotilla_write(int fd, const void *buf, uint64_t len) {
