@@ -115,7 +115,7 @@ impl Reported {
             .unwrap_or_default();
         let mut totals = NodeStats::default();
         for s in per_node.iter().flatten() {
-            add_stats(&mut totals, s);
+            totals.add(s);
         }
         let mut samples = Samples::default();
         for (name, list) in sample_lists_mut(&mut samples) {
@@ -142,16 +142,6 @@ impl Reported {
             cpu_sets: None,
         })
     }
-}
-
-fn add_stats(t: &mut NodeStats, s: &NodeStats) {
-    t.remote_faults += s.remote_faults;
-    t.page_moves += s.page_moves;
-    t.replicas_made += s.replicas_made;
-    t.invalidations += s.invalidations;
-    t.vcpu_moves += s.vcpu_moves;
-    t.bytes_sent += s.bytes_sent;
-    t.exits += s.exits;
 }
 
 fn stats_json(s: &NodeStats) -> Value {

@@ -31,6 +31,19 @@ pub struct NodeStats {
     pub exits: u64,
 }
 
+impl NodeStats {
+    /// Adds another node's counters to these (for cluster totals).
+    pub fn add(&mut self, s: &NodeStats) {
+        self.remote_faults += s.remote_faults;
+        self.page_moves += s.page_moves;
+        self.replicas_made += s.replicas_made;
+        self.invalidations += s.invalidations;
+        self.vcpu_moves += s.vcpu_moves;
+        self.bytes_sent += s.bytes_sent;
+        self.exits += s.exits;
+    }
+}
+
 /// Latency samples (µs) from one node, for the run's percentiles.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Samples {

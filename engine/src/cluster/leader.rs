@@ -236,13 +236,7 @@ impl Leader {
                 per_node.push(None);
                 continue;
             };
-            totals.remote_faults += st.remote_faults;
-            totals.page_moves += st.page_moves;
-            totals.replicas_made += st.replicas_made;
-            totals.invalidations += st.invalidations;
-            totals.vcpu_moves += st.vcpu_moves;
-            totals.bytes_sent += st.bytes_sent;
-            totals.exits += st.exits;
+            totals.add(st);
             samples.extend(sm);
             per_node.push(Some(*st));
         }
