@@ -1,5 +1,6 @@
 //! `flotilla bench …`: measured numbers, never asserted in tests.
 
+use crate::launch::Launch;
 use anyhow::{anyhow, bail, Result};
 use clap::{Args, Subcommand};
 use flotilla_engine::{ConsoleMode, Machine, MachineConfig};
@@ -230,23 +231,19 @@ fn bench_run(
     echo: u32,
 ) -> Result<crate::report::Reported> {
     let prepared = Workload::Stream.prepare(args).map_err(|e| anyhow!("{e}"))?;
-    let launch = crate::launch::Launch {
-        nodes: 2,
+    let launch = Launch {
         transport: transport.to_string(),
         policy: policy.to_string(),
-        seed: 1,
-        vcpus: 1,
-        mem: crate::sizing::default_guest_mem(&prepared, 1),
-        args: args.to_string(),
-        workload: Some("stream".into()),
-        image: None,
         vcpu_nodes: Some(vec![vcpu_node]),
         ram: ram.to_string(),
-        timeout: Some(std::time::Duration::from_secs(300)),
         echo_rounds: echo,
-        cpus_per_node: None,
-        observe: Default::default(),
-        inject_health: Vec::new(),
+        ..Launch::workload(
+            "stream",
+            args,
+            2,
+            1,
+            crate::sizing::default_guest_mem(&prepared, 1),
+        )
     };
     let reported = crate::launch::launch(&launch)?;
     if let Err(e) = &reported.result {
@@ -390,15 +387,8 @@ fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> 
     };
     let mut rows = Vec::new();
     for name in &names {
-        let (_, args) = MEDIUM_ARGS
-            .iter()
-            .find(|(w, _)| w == name)
-            .ok_or_else(|| anyhow!("unknown workload '{name}'"))?;
-        let w = Workload::from_name(name).ok_or_else(|| anyhow!("unknown workload '{name}'"))?;
-        let prepared = w.prepare(args).map_err(|e| anyhow!("{e}"))?;
-        let reference = native::run(&prepared, 4)
-            .map_err(|e| anyhow!("{e}"))?
-            .checksum;
+        let w = BenchWorkload::find(&MEDIUM_ARGS, name, 4)?;
+        let (args, reference) = (w.args, w.reference);
         let variants = [
             ("plain", None, 0),
             ("trace", Some(file.to_path_buf()), 0),
@@ -409,28 +399,14 @@ fn trace_overhead_in(a: &TraceBenchArgs, file: &std::path::Path) -> Result<i32> 
         let mut bytes: Vec<Vec<f64>> = vec![Vec::new(); variants.len()];
         for _ in 0..a.runs {
             for (i, (_, trace, rate)) in variants.iter().enumerate() {
-                let launch = crate::launch::Launch {
-                    nodes: a.nodes,
-                    transport: "tcp".into(),
+                let launch = Launch {
                     policy: a.policy.clone(),
-                    seed: 1,
-                    vcpus: 4,
-                    mem: crate::sizing::default_guest_mem(&prepared, 4),
-                    args: args.to_string(),
-                    workload: Some(name.clone()),
-                    image: None,
-                    vcpu_nodes: None,
-                    ram: "contiguous".into(),
-                    timeout: Some(std::time::Duration::from_secs(300)),
-                    echo_rounds: 0,
-                    cpus_per_node: None,
                     observe: crate::node::ObserveArgs {
-                        metrics: None,
-                        metrics_linger: None,
                         trace: trace.clone(),
                         sample_rate: *rate,
+                        ..Default::default()
                     },
-                    inject_health: Vec::new(),
+                    ..Launch::workload(name, args, a.nodes, 4, w.mem)
                 };
                 let r = crate::launch::launch(&launch)?;
                 if let Err(e) = &r.result {
@@ -543,42 +519,58 @@ fn record_cost(file: &std::path::Path) -> Result<f64> {
     Ok(median(rounds))
 }
 
+/// A built-in workload at a benchmark size: its arguments, guest RAM, and the host
+/// reference checksum on `vcpus` threads.
+struct BenchWorkload {
+    name: String,
+    args: &'static str,
+    mem: u64,
+    reference: u64,
+}
+
+impl BenchWorkload {
+    fn find(table: &[(&str, &'static str)], name: &str, vcpus: u32) -> Result<Self> {
+        let (_, args) = table
+            .iter()
+            .find(|(w, _)| *w == name)
+            .ok_or_else(|| anyhow!("unknown workload '{name}'"))?;
+        let w = Workload::from_name(name).ok_or_else(|| anyhow!("unknown workload '{name}'"))?;
+        let prepared = w.prepare(args).map_err(|e| anyhow!("{e}"))?;
+        let reference = native::run(&prepared, vcpus as usize)
+            .map_err(|e| anyhow!("{e}"))?
+            .checksum;
+        Ok(BenchWorkload {
+            name: name.to_string(),
+            args,
+            mem: crate::sizing::default_guest_mem(&prepared, vcpus),
+            reference,
+        })
+    }
+}
+
 /// A workload as `bench scaling` runs it: 4 vCPUs, every node pinned to one CPU.
 struct Pinned<'a> {
-    name: &'a str,
-    args: &'a str,
+    workload: &'a BenchWorkload,
     transport: &'a str,
-    reference: u64,
-    mem: u64,
 }
 
 impl Pinned<'_> {
     /// One run's wall time, after checking the checksum.
     fn run(&self, nodes: u16, policy: &str, timeout: std::time::Duration) -> Result<f64> {
-        let name = self.name;
-        let launch = crate::launch::Launch {
-            nodes,
+        let w = self.workload;
+        let name = &w.name;
+        let launch = Launch {
             transport: self.transport.to_string(),
             policy: policy.to_string(),
-            seed: 1,
-            vcpus: 4,
-            mem: self.mem,
-            args: self.args.to_string(),
-            workload: Some(name.to_string()),
-            image: None,
-            vcpu_nodes: None,
-            ram: "contiguous".into(),
             timeout: Some(timeout),
-            echo_rounds: 0,
             cpus_per_node: Some(1),
-            observe: Default::default(),
-            inject_health: Vec::new(),
+            ..Launch::workload(name, w.args, nodes, 4, w.mem)
         };
         let r = crate::launch::launch(&launch)?;
         if let Err(e) = &r.result {
             bail!("{name} on {nodes} node(s), {policy}: the run failed: {e}");
         }
-        if r.exit_code() != Some(0) || r.report != Some(self.reference) {
+        if r.exit_code() != Some(0) || r.report != Some(w.reference) {
             bail!("{name} on {nodes} node(s), {policy}: the guest did not reproduce the host checksum");
         }
         Ok(r.wall_ms)
@@ -601,22 +593,11 @@ fn scaling(a: ScalingArgs) -> Result<i32> {
     crate::cpus::layout(&crate::cpus::allowed()?, 2, 1)?;
     let mut rows = Vec::new();
     for name in &names {
-        let (_, args) = SCALING_ARGS
-            .iter()
-            .find(|(w, _)| w == name)
-            .ok_or_else(|| anyhow!("unknown workload '{name}'"))?;
-        let w = Workload::from_name(name).ok_or_else(|| anyhow!("unknown workload '{name}'"))?;
-        let prepared = w.prepare(args).map_err(|e| anyhow!("{e}"))?;
-        let reference = native::run(&prepared, 4)
-            .map_err(|e| anyhow!("{e}"))?
-            .checksum;
-        let mem = crate::sizing::default_guest_mem(&prepared, 4);
+        let found = BenchWorkload::find(&SCALING_ARGS, name, 4)?;
+        let args = found.args;
         let w = Pinned {
-            name,
-            args,
+            workload: &found,
             transport: &a.transport,
-            reference,
-            mem,
         };
         // Interleaved: one node, then each policy on two, `runs` times over. A policy
         // whose run fails (or takes 20 times the 1-node time) is reported as failed and

@@ -46,6 +46,32 @@ pub struct Launch {
     pub inject_health: Vec<(u16, String, f64)>,
 }
 
+impl Launch {
+    /// A built-in workload on `nodes` local nodes with the defaults of `flotilla run`
+    /// (TCP, heuristic, seed 1, round-robin vCPUs, contiguous RAM, a 300 s timeout, no
+    /// pinning or telemetry); callers change what they measure.
+    pub fn workload(name: &str, args: &str, nodes: u16, vcpus: u32, mem: u64) -> Self {
+        Launch {
+            nodes,
+            transport: "tcp".into(),
+            policy: "heuristic".into(),
+            seed: 1,
+            vcpus,
+            mem,
+            args: args.to_string(),
+            workload: Some(name.to_string()),
+            image: None,
+            vcpu_nodes: None,
+            ram: "contiguous".into(),
+            timeout: Some(Duration::from_secs(300)),
+            echo_rounds: 0,
+            cpus_per_node: None,
+            observe: ObserveArgs::default(),
+            inject_health: Vec::new(),
+        }
+    }
+}
+
 /// A private directory (0700) removed on drop.
 struct TempDir(PathBuf);
 
