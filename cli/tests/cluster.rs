@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{build_c, flotilla, json, kvm};
+use common::{build_c, children, flotilla, json, kvm, loopback_addrs, node_with_id, signal};
 use serde_json::Value;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -181,15 +181,6 @@ fn seeded_chaos_with_the_random_policy_is_correct() {
     }
 }
 
-/// The node processes `flotilla run` started (its children).
-fn children(pid: u32) -> Vec<u32> {
-    let text =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    text.split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect()
-}
-
 #[test]
 fn killing_a_node_ends_the_run_with_an_error_naming_it() {
     if !kvm() {
@@ -225,18 +216,9 @@ fn killing_a_node_ends_the_run_with_an_error_naming_it() {
     };
     assert_eq!(nodes.len(), 3, "the three nodes did not start");
     std::thread::sleep(Duration::from_millis(1500));
-    let node2 = nodes
-        .iter()
-        .copied()
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .unwrap_or_default()
-                .ends_with(b"--id\x002\x00")
-        })
-        .expect("a node process with --id 2");
+    let node2 = node_with_id(&nodes, 2).expect("a node process with --id 2");
     let killed = Instant::now();
-    // SAFETY: sending SIGKILL to a process this test's child started.
-    unsafe { libc_kill(node2 as i32, 9) };
+    signal(node2, 9);
     let out = child.wait_with_output().unwrap();
     let took = killed.elapsed();
     let v = json(&out);
@@ -249,11 +231,6 @@ fn killing_a_node_ends_the_run_with_an_error_naming_it() {
     );
 }
 
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
 #[test]
 fn a_node_with_the_wrong_secret_is_refused() {
     if !kvm() {
@@ -261,12 +238,7 @@ fn a_node_with_the_wrong_secret_is_refused() {
     }
     let dir = std::env::temp_dir().join(format!("flotilla-secret-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ports: Vec<String> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
+    let ports = loopback_addrs(2);
     use std::os::unix::fs::PermissionsExt;
     let mut configs = Vec::new();
     for (id, secret) in [
@@ -294,8 +266,7 @@ fn a_node_with_the_wrong_secret_is_refused() {
     let err1 = String::from_utf8_lossy(&out1.stderr).to_string();
     assert!(!out1.status.success());
     assert!(err1.contains("failed authentication"), "{err1}");
-    // SAFETY: killing the node this test started.
-    unsafe { libc_kill(node0.id() as i32, 9) };
+    signal(node0.id(), 9);
     let out0 = node0.wait_with_output().unwrap();
     let err0 = String::from_utf8_lossy(&out0.stderr).to_string();
     assert!(err0.contains("refused a connection"), "{err0}");
@@ -404,12 +375,7 @@ fn pinned_nodes_run_every_thread_on_their_own_cpus() {
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut seen: Vec<String> = Vec::new();
     while Instant::now() < deadline && seen.len() < 2 {
-        let text = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
-            .unwrap_or_default();
-        let nodes: Vec<u32> = text
-            .split_whitespace()
-            .filter_map(|s| s.parse().ok())
-            .collect();
+        let nodes = children(child.id());
         if nodes.len() == 2 {
             std::thread::sleep(Duration::from_millis(300));
             seen.clear();

@@ -5,22 +5,9 @@
 
 mod common;
 
-use common::{flotilla, json, kvm, stderr};
+use common::{children, flotilla, json, kvm, loopback_addrs, node_with_id, signal, stderr};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-extern "C" {
-    #[link_name = "kill"]
-    fn libc_kill(pid: i32, sig: i32) -> i32;
-}
-
-fn children(pid: u32) -> Vec<u32> {
-    let text =
-        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
-    text.split_whitespace()
-        .filter_map(|s| s.parse().ok())
-        .collect()
-}
 
 fn alive(pid: u32) -> bool {
     // A zombie still has a /proc entry; it counts as gone.
@@ -102,8 +89,7 @@ fn nodes_die_with_their_launcher_and_no_secret_is_left_on_disk() {
             let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
             assert!(cmdline.contains("--config -"), "{cmdline}");
         }
-        // SAFETY: signalling the launcher this test started.
-        unsafe { libc_kill(launcher.id() as i32, sig) };
+        signal(launcher.id(), sig);
         let status = launcher.wait().unwrap();
         assert!(!status.success(), "{name}: {status}");
         let left = wait_gone(&nodes, Duration::from_secs(5));
@@ -146,8 +132,7 @@ fn a_traced_run_stopped_by_sigterm_removes_its_directory() {
         1,
         "the trace parts directory"
     );
-    // SAFETY: signalling the launcher this test started.
-    unsafe { libc_kill(launcher.id() as i32, 15) };
+    signal(launcher.id(), 15);
     launcher.wait().unwrap();
     assert!(wait_gone(&nodes, Duration::from_secs(5)).is_empty());
     assert_eq!(temp_entries(launcher.id()), Vec::<String>::new());
@@ -161,17 +146,8 @@ fn a_node_whose_leader_vanished_exits() {
     }
     let (launcher, nodes) = long_run();
     std::thread::sleep(Duration::from_millis(500));
-    let node0 = nodes
-        .iter()
-        .copied()
-        .find(|p| {
-            std::fs::read(format!("/proc/{p}/cmdline"))
-                .unwrap_or_default()
-                .ends_with(b"--id\x000\x00")
-        })
-        .expect("node 0");
-    // SAFETY: killing a node process this test's child started.
-    unsafe { libc_kill(node0 as i32, 9) };
+    let node0 = node_with_id(&nodes, 0).expect("node 0");
+    signal(node0, 9);
     let out = launcher.wait_with_output().unwrap();
     let v = json(&out);
     assert!(
@@ -189,12 +165,7 @@ fn a_node_run_by_hand_prints_the_documented_summary() {
     use std::os::unix::fs::PermissionsExt;
     let dir = std::env::temp_dir().join(format!("flotilla-hand-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let ports: Vec<String> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect::<Vec<_>>()
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
+    let ports = loopback_addrs(2);
     let secret_file = dir.join("secret");
     std::fs::write(&secret_file, "a-secret-of-enough-bytes").unwrap();
     std::fs::set_permissions(&secret_file, std::fs::Permissions::from_mode(0o600)).unwrap();

@@ -74,3 +74,43 @@ pub fn build_c(name: &str) -> PathBuf {
     assert!(status.success(), "building guests/c/{name}.c failed");
     out
 }
+
+/// The processes `pid` started (a launcher's node processes).
+pub fn children(pid: u32) -> Vec<u32> {
+    let text =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    text.split_whitespace()
+        .filter_map(|s| s.parse().ok())
+        .collect()
+}
+
+/// The one of `pids` that is `flotilla node … --id ID` (the launcher puts `--id` last).
+pub fn node_with_id(pids: &[u32], id: u16) -> Option<u32> {
+    let tail = format!("--id\0{id}\0");
+    pids.iter().copied().find(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .unwrap_or_default()
+            .ends_with(tail.as_bytes())
+    })
+}
+
+/// Sends signal `sig` to a process the test started (or one its child started).
+pub fn signal(pid: u32, sig: i32) {
+    extern "C" {
+        fn kill(pid: i32, sig: i32) -> i32;
+    }
+    // SAFETY: kill has no memory-safety preconditions; the pid is one of the test's own
+    // processes.
+    unsafe { kill(pid as i32, sig) };
+}
+
+/// `n` distinct free loopback addresses, for a hand-written cluster configuration.
+pub fn loopback_addrs(n: usize) -> Vec<String> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect()
+}
