@@ -227,7 +227,7 @@ pub fn setup(file: &ClusterFile, id: Option<u16>, secret: SecretSource) -> Resul
         vcpu_nodes,
         ram,
     };
-    flotilla_placement::by_name(&spec.policy, spec.seed, me).map_err(|e| anyhow!("{e}"))?;
+    spec.check(me)?;
     let digest = flotilla_transport::auth::digest(&spec.canonical(&image));
     let mesh = MeshConfig {
         me,

@@ -78,6 +78,37 @@ impl ClusterSpec {
         (0..vcpus).map(|v| (v % nodes as u32) as NodeId).collect()
     }
 
+    /// Checks the spec as node `me` of it: node count, id, vCPU placement, policy.
+    pub fn check(&self, me: NodeId) -> Result<(), NodeError> {
+        let spec = self;
+        let bad = |s: String| Err(NodeError::Config(s));
+        if spec.nodes == 0 || spec.nodes as usize > flotilla_transport::MAX_NODES {
+            return bad(format!("{} nodes; a cluster has 1 to 64", spec.nodes));
+        }
+        if me >= spec.nodes {
+            return bad(format!(
+                "node id {me} is not below the node count {}",
+                spec.nodes
+            ));
+        }
+        if spec.vcpu_nodes.len() != spec.vcpus as usize {
+            return bad(format!(
+                "vCPU placement lists {} nodes for {} vCPUs",
+                spec.vcpu_nodes.len(),
+                spec.vcpus
+            ));
+        }
+        if let Some(n) = spec.vcpu_nodes.iter().find(|&&n| n >= spec.nodes) {
+            return bad(format!(
+                "vCPU placement names node {n}; there are {}",
+                spec.nodes
+            ));
+        }
+        flotilla_placement::by_name(&spec.policy, spec.seed, me)
+            .map_err(|e| NodeError::Config(e.to_string()))?;
+        Ok(())
+    }
+
     /// Bytes every node must agree on, for the configuration digest.
     pub fn canonical(&self, image: &[u8]) -> Vec<u8> {
         let mut out = format!(

@@ -14,7 +14,7 @@ mod sampler;
 use super::leader::Leader;
 use super::uffd::{Userfault, PAGE};
 use super::vcpu;
-use super::{ClusterOutcome, ClusterSpec, NodeError, NodeId, NodeSetup, RamPlacement};
+use super::{ClusterOutcome, NodeError, NodeId, NodeSetup, RamPlacement};
 use crate::boot::{check_args, check_machine, BootLayout};
 use crate::kvm::Hypervisor;
 use crate::loader::Image;
@@ -1049,35 +1049,6 @@ impl GuestRead for CoherentView<'_> {
     }
 }
 
-fn check_spec(spec: &ClusterSpec, me: NodeId) -> Result<(), NodeError> {
-    let bad = |s: String| Err(NodeError::Config(s));
-    if spec.nodes == 0 || spec.nodes as usize > flotilla_transport::MAX_NODES {
-        return bad(format!("{} nodes; a cluster has 1 to 64", spec.nodes));
-    }
-    if me >= spec.nodes {
-        return bad(format!(
-            "node id {me} is not below the node count {}",
-            spec.nodes
-        ));
-    }
-    if spec.vcpu_nodes.len() != spec.vcpus as usize {
-        return bad(format!(
-            "vCPU placement lists {} nodes for {} vCPUs",
-            spec.vcpu_nodes.len(),
-            spec.vcpus
-        ));
-    }
-    if let Some(n) = spec.vcpu_nodes.iter().find(|&&n| n >= spec.nodes) {
-        return bad(format!(
-            "vCPU placement names node {n}; there are {}",
-            spec.nodes
-        ));
-    }
-    flotilla_placement::by_name(&spec.policy, spec.seed, me)
-        .map_err(|e| NodeError::Config(e.to_string()))?;
-    Ok(())
-}
-
 /// Runs this node's part of the guest. Node 0 returns the run's outcome; other nodes
 /// return `None` once node 0 has ended the run.
 pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
@@ -1093,7 +1064,7 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
         observe,
     } = setup;
     let started = Instant::now();
-    check_spec(&spec, me)?;
+    spec.check(me)?;
     check_machine(spec.vcpus, spec.mem_bytes)?;
     check_args(&spec.args)?;
     let image = Image::parse(&image, spec.mem_bytes)?;
