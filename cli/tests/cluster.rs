@@ -422,3 +422,20 @@ fn pinned_nodes_run_every_thread_on_their_own_cpus() {
         "the JSON names the CPUs the nodes ran on"
     );
 }
+
+#[test]
+fn a_moved_vcpu_takes_its_stack_along() {
+    if !kvm() {
+        return;
+    }
+    // Under always-vcpu every remote touch sends the vCPU to the page. Were its stack to
+    // stay on the node it started on, the next push would send it straight back: this
+    // run made 178,000 vCPU moves in 30 s without finishing before the stack followed.
+    let v = run_cluster("stream", "n=200000 reps=5", 2, "always-vcpu", "tcp");
+    assert_eq!(v["verified"], true, "{v}");
+    let moves = v["vcpu_moves"].as_u64().unwrap();
+    assert!(
+        moves < 100,
+        "{moves} vCPU moves: the stack did not follow: {v}"
+    );
+}

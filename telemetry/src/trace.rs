@@ -102,7 +102,8 @@ pub const DECISION_MOVE_VCPU: u8 = Decision::MoveVcpu.code();
 
 /// Flag bits of [`Event::flags`].
 pub mod flags {
-    /// A progress rule chose, not the policy.
+    /// A rule chose, not the policy (a progress rule, the holder is this node, or the
+    /// vCPU's own stack).
     pub const FORCED: u8 = 1;
     /// The faulting node had a read-only copy (a write upgrade).
     pub const HAD_REPLICA: u8 = 2;

@@ -173,15 +173,21 @@ pub(super) struct Placement {
 
 impl Placement {
     pub fn home(&self, page: u64) -> NodeId {
-        if self.stacks.contains(&page) {
-            let v = ((page - self.stacks.start) / self.stack_pages) as usize;
-            return self.vcpu_nodes[v];
+        if let Some(v) = self.stack_of(page) {
+            return self.vcpu_nodes[v as usize];
         }
         let i = page - self.first;
         match self.ram {
             RamPlacement::Contiguous => (i * self.nodes as u64 / self.count) as NodeId,
             RamPlacement::Interleave => (page % self.nodes as u64) as NodeId,
         }
+    }
+
+    /// The vCPU whose stack `page` is part of, if any.
+    pub fn stack_of(&self, page: u64) -> Option<u32> {
+        self.stacks
+            .contains(&page)
+            .then(|| ((page - self.stacks.start) / self.stack_pages) as u32)
     }
 }
 

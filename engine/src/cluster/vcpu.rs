@@ -451,12 +451,15 @@ fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: V
     );
 }
 
-/// Asks the policy, unless a progress rule decides (`forced`, or the holder is this node;
-/// then the fault is flagged so).
+/// Asks the policy, unless a rule decides (then the fault is flagged `FORCED`): `forced`
+/// (a progress rule of the caller), the holder is this node, or the page is this vCPU's
+/// own stack. A vCPU's stack is private to it, so it follows the vCPU: were it to stay
+/// behind, a vCPU sent to its data would be sent back at its next push (under
+/// `always-vcpu`, two moves per loop iteration, forever).
 fn decide(node: &Node, ctx: &mut Ctx, id: u32, f: &mut Fault, forced: bool) -> Decision {
     let (page, holder) = (f.page, f.holder);
     let access = f.want;
-    let ruled = forced || holder == node.me;
+    let ruled = forced || holder == node.me || node.placement.stack_of(page) == Some(id);
     if ruled {
         f.flags |= flags::FORCED;
     }
