@@ -146,6 +146,8 @@ pub fn node(args: NodeArgs) -> Result<i32> {
         Ok(Some(outcome)) => Reported::from_outcome(outcome),
         Ok(None) => return Ok(0),
         Err(e) if me == 0 => Reported::failed(info.nodes, e.to_string()),
+        // Node 0 has it and the launcher prints node 0's result: once is enough.
+        Err(cluster::NodeError::Reported(_)) if args.launched => return Ok(2),
         Err(e) => {
             crate::say_err(&format!("flotilla node {me}: {e}"));
             return Ok(2);

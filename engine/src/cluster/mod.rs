@@ -216,6 +216,10 @@ pub enum NodeError {
     /// The guest or the cluster failed; the text names the node and vCPU.
     #[error("{0}")]
     Run(String),
+    /// The run failed on this node (not node 0) and node 0 was sent the failure, so it
+    /// is in the run's result too.
+    #[error("{0}")]
+    Reported(String),
 }
 
 /// The `q`-quantile of `samples` (sorted in place), or 0 if empty.

@@ -113,6 +113,14 @@ impl Slot {
         self.update(|i| i.woken = true);
     }
 
+    /// Makes a waiter look at the stop flag now. Unlike [`Slot::wake`] this delivers
+    /// nothing: a thread waiting for a page must not take the end of the run for the
+    /// page's arrival (it would then tell the home it is done with a transaction that
+    /// never completed).
+    pub fn interrupt(&self) {
+        self.update(|_| {});
+    }
+
     /// Waits until `take` returns something, or the run stops (`None`).
     pub fn wait<T>(
         &self,
@@ -881,7 +889,10 @@ impl Node {
 
     /// Ends the run with an error: node 0 records it, other nodes report it to node 0.
     pub fn fail(&self, text: String) {
-        tracing::error!(node = self.me, error = %text, "run fails");
+        // Not logged as an error: it reaches the user once, in node 0's result (or, for
+        // a node that lost node 0, in its own exit). Failures after the stop are only
+        // its echoes.
+        tracing::debug!(node = self.me, error = %text, stopping = self.stop.load(Ordering::SeqCst), "run fails");
         match &self.leader {
             Some(leader) => leader.finish(Err(text)),
             None => {
@@ -918,7 +929,7 @@ impl Node {
         }
         drop(threads);
         for s in &self.slots {
-            s.wake();
+            s.interrupt();
         }
     }
 
@@ -1326,7 +1337,7 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
         transport.close();
         match failure {
             Some(text) if !node.control.lock().is_ok_and(|c| c.stop_received) => {
-                Err(NodeError::Run(text))
+                Err(NodeError::Reported(text))
             }
             _ => Ok(None),
         }
