@@ -95,8 +95,13 @@ fn handshake_err(addr: SocketAddr, reason: impl Into<String>) -> TransportError 
 
 fn read_hello(s: &mut impl Read, addr: SocketAddr) -> Result<Hello, TransportError> {
     let mut b = [0u8; HELLO_BYTES];
-    s.read_exact(&mut b)
-        .map_err(|e| handshake_err(addr, format!("reading hello: {e}")))?;
+    s.read_exact(&mut b).map_err(|e| match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => handshake_err(
+            addr,
+            "sent no hello in time (a silent or unauthenticated connection); closed",
+        ),
+        _ => handshake_err(addr, format!("reading hello: {e}")),
+    })?;
     Hello::decode(&b).map_err(|r| handshake_err(addr, r))
 }
 

@@ -126,13 +126,45 @@ fn connect_peer(
 
 type Accepted = Vec<(NodeId, SocketAddr, TcpStream)>;
 
+/// How long an incoming connection has to say hello and prove itself. A real peer does
+/// so at once; a silent stranger is closed after this, on its own thread, so it never
+/// holds up the peers that are still to come.
+const ACCEPT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Authenticates one incoming connection (on its own thread).
+fn handshake_incoming(
+    mut s: TcpStream,
+    addr: SocketAddr,
+    config: &MeshConfig,
+    expected: &[NodeId],
+) -> Result<(NodeId, TcpStream), TransportError> {
+    let hello = s
+        .set_nonblocking(false)
+        .and_then(|()| s.set_nodelay(true))
+        .and_then(|()| s.set_read_timeout(Some(ACCEPT_HANDSHAKE_TIMEOUT)))
+        .and_then(|()| s.set_write_timeout(Some(ACCEPT_HANDSHAKE_TIMEOUT)))
+        .and_then(|()| Hello::new(config.me, config.digest))
+        .map_err(|e| TransportError::Handshake {
+            addr,
+            reason: format!("setting up the connection: {e}"),
+        })?;
+    let peer = auth::accept(
+        &mut s,
+        addr,
+        hello,
+        |p| expected.contains(&p),
+        &config.secret,
+    )?;
+    Ok((peer, s))
+}
+
 fn accept_peers(
     listener: TcpListener,
     config: &MeshConfig,
     mut missing: Vec<NodeId>,
     deadline: Instant,
 ) -> Result<Accepted, TransportError> {
-    let mut got = Vec::new();
+    let mut got: Accepted = Vec::new();
     let local = config.addrs[config.me as usize];
     listener
         .set_nonblocking(true)
@@ -140,6 +172,8 @@ fn accept_peers(
             addr: local,
             source,
         })?;
+    let (done_tx, done) =
+        std::sync::mpsc::channel::<(SocketAddr, Result<(NodeId, TcpStream), TransportError>)>();
     while !missing.is_empty() {
         if Instant::now() >= deadline {
             return Err(TransportError::Timeout {
@@ -147,47 +181,39 @@ fn accept_peers(
                 timeout: config.connect_timeout,
             });
         }
-        let (mut s, addr) = match listener.accept() {
-            Ok(x) => x,
-            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                std::thread::sleep(RETRY);
-                continue;
+        // Handshakes that finished.
+        while let Ok((addr, result)) = done.try_recv() {
+            match result {
+                Ok((peer, s)) if missing.contains(&peer) => {
+                    missing.retain(|&m| m != peer);
+                    got.push((peer, addr, s));
+                }
+                Ok((peer, s)) => {
+                    tracing::error!(node = config.me, %addr, peer, "refused a second connection claiming the same node");
+                    let _ = s.shutdown(Shutdown::Both);
+                }
+                Err(e @ TransportError::ConfigMismatch { .. }) => return Err(e),
+                // A stranger, a silent connection or a peer with the wrong secret gets
+                // nothing; keep waiting for the real one.
+                Err(e) => {
+                    tracing::error!(node = config.me, %addr, error = %e, "refused a connection")
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                continue;
+        }
+        match listener.accept() {
+            Ok((s, addr)) => {
+                let (config, expected, tx) = (config.clone(), missing.clone(), done_tx.clone());
+                let started = std::thread::Builder::new()
+                    .name(format!("hello{}", config.me))
+                    .spawn(move || {
+                        let _ = tx.send((addr, handshake_incoming(s, addr, &config, &expected)));
+                    });
+                if let Err(e) = started {
+                    tracing::warn!(%addr, error = %e, "cannot start a handshake thread");
+                }
             }
-        };
-        let setup = s
-            .set_nonblocking(false)
-            .and_then(|()| s.set_nodelay(true))
-            .and_then(|()| s.set_read_timeout(Some(HANDSHAKE_TIMEOUT)))
-            .and_then(|()| Hello::new(config.me, config.digest));
-        let hello = match setup {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(%addr, error = %e, "cannot set up an incoming connection");
-                continue;
-            }
-        };
-        match auth::accept(
-            &mut s,
-            addr,
-            hello,
-            |p| missing.contains(&p),
-            &config.secret,
-        ) {
-            Ok(peer) => {
-                missing.retain(|&m| m != peer);
-                got.push((peer, addr, s));
-            }
-            Err(e @ TransportError::ConfigMismatch { .. }) => return Err(e),
-            Err(e) => {
-                // A stranger or a peer with the wrong secret gets nothing; keep waiting
-                // for the real one.
-                tracing::error!(node = config.me, %addr, error = %e, "refused a connection");
-                let _ = s.shutdown(Shutdown::Both);
-            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(RETRY),
+            Err(e) => tracing::warn!(error = %e, "accept failed"),
         }
     }
     Ok(got)

@@ -1,0 +1,82 @@
+//! A real TCP mesh on loopback: nodes in threads of this process, real sockets.
+
+use flotilla_transport::{
+    auth, establish, Handler, Kind, MeshConfig, Message, NodeId, TransportError,
+};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+struct Inbox(Mutex<Sender<(NodeId, Message)>>);
+
+impl Handler for Inbox {
+    fn deliver(&self, from: NodeId, msg: Message) {
+        let _ = self.0.lock().unwrap().send((from, msg));
+    }
+    fn link_lost(&self, _peer: NodeId, _why: TransportError) {}
+}
+
+fn addrs(n: usize) -> Vec<SocketAddr> {
+    let l: Vec<_> = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    l.iter().map(|l| l.local_addr().unwrap()).collect()
+}
+
+fn config(me: NodeId, addrs: &[SocketAddr], connect_timeout: Duration) -> MeshConfig {
+    MeshConfig {
+        me,
+        addrs: addrs.to_vec(),
+        secret: b"a-secret-of-enough-bytes".to_vec(),
+        digest: auth::digest(b"mesh test"),
+        connect_timeout,
+        idle_timeout: Duration::from_secs(3),
+    }
+}
+
+#[test]
+fn silent_connections_do_not_hold_up_a_forming_cluster() {
+    let addrs = addrs(2);
+    // Node 0 listens; three strangers connect to it first and never say a word. Each
+    // handshake gets its own thread and a 1 s deadline, so node 1 still gets in well
+    // within the 4 s the cluster has to form (one at a time, at 5 s each, it did not).
+    let limit = Duration::from_secs(4);
+    let (tx0, rx0) = channel();
+    let a0 = addrs.clone();
+    let node0 = std::thread::spawn(move || {
+        establish(
+            Kind::Tcp,
+            &config(0, &a0, limit),
+            Arc::new(Inbox(Mutex::new(tx0))),
+        )
+    });
+    let mut silent = Vec::new();
+    for _ in 0..50 {
+        if let Ok(s) = TcpStream::connect(addrs[0]) {
+            silent.push(s);
+            if silent.len() == 3 {
+                break;
+            }
+        } else {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    assert_eq!(silent.len(), 3, "node 0 never listened");
+    let (tx1, _rx1) = channel();
+    let t1 = establish(
+        Kind::Tcp,
+        &config(1, &addrs, limit),
+        Arc::new(Inbox(Mutex::new(tx1))),
+    )
+    .expect("node 1 joins");
+    let t0 = node0.join().unwrap().expect("node 0 forms the cluster");
+    t1.send(0, &Message::Ping).unwrap();
+    t1.send(0, &Message::Report { value: 42 }).unwrap();
+    let (from, msg) = rx0.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(from, 1);
+    assert!(matches!(msg, Message::Report { value: 42 }), "{msg:?}");
+    drop(silent);
+    t0.close();
+    t1.close();
+}
