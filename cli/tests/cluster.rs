@@ -266,9 +266,29 @@ fn a_node_with_the_wrong_secret_is_refused() {
     let err1 = String::from_utf8_lossy(&out1.stderr).to_string();
     assert!(!out1.status.success());
     assert!(err1.contains("failed authentication"), "{err1}");
+    // Node 0 logs the refusal (it may do so just after node 1 has given up), then keeps
+    // waiting for the real node 1.
+    use std::io::BufRead;
+    let mut node0 = node0;
+    let stderr0 = node0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr0)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut err0 = String::new();
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(10)) {
+        err0 += &line;
+        if line.contains("refused a connection") {
+            break;
+        }
+    }
     signal(node0.id(), 9);
     let out0 = node0.wait_with_output().unwrap();
-    let err0 = String::from_utf8_lossy(&out0.stderr).to_string();
     assert!(err0.contains("refused a connection"), "{err0}");
     assert!(
         !String::from_utf8_lossy(&out0.stdout).contains("exit_code"),
