@@ -342,6 +342,15 @@ fn launch_caught(l: &Launch) -> Result<Reported> {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
+    let mut reported = Reported::from_line(&line)?;
+    reported.cpu_sets = cpu_sets;
+    // A node whose counters never reached node 0 is dead or hung (node 0 lost its link):
+    // waiting for it to exit would only add the grace period below to the run.
+    for id in reported.missing_counters() {
+        if let Some(c) = children.get_mut(id as usize) {
+            let _ = c.kill();
+        }
+    }
     let linger = Duration::from_secs_f64(l.observe.metrics_linger.unwrap_or(0.0));
     let deadline = Instant::now() + Duration::from_secs(10) + linger;
     for c in children.iter_mut() {
@@ -359,8 +368,6 @@ fn launch_caught(l: &Launch) -> Result<Reported> {
     if let Some(sig) = StopSignals::caught() {
         bail!("stopped by signal {sig}");
     }
-    let mut reported = Reported::from_line(&line)?;
-    reported.cpu_sets = cpu_sets;
     if let Some(path) = &l.observe.trace {
         if !clean {
             bail!("a node did not end cleanly; its trace is incomplete, so none was written");

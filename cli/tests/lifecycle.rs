@@ -236,3 +236,56 @@ fn guest_arguments_may_start_with_a_dash() {
     assert!(err.contains("'-p4'"), "{err}");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_hung_node_ends_the_run_within_seconds() {
+    if !kvm() {
+        return;
+    }
+    let launcher = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+        .args([
+            "run",
+            "--workload",
+            "kvstore",
+            "--args",
+            "ops=50000000 keys=100000",
+        ])
+        .args([
+            "--vcpus",
+            "3",
+            "--nodes",
+            "3",
+            "--policy",
+            "always-page",
+            "--json",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while children(launcher.id()).len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1000));
+    let nodes = children(launcher.id());
+    let node2 = node_with_id(&nodes, 2).expect("node 2");
+    // SIGSTOP: the node neither dies nor answers, as a hung machine would.
+    signal(node2, 19);
+    let stopped = Instant::now();
+    let out = launcher.wait_with_output().unwrap();
+    let took = stopped.elapsed();
+    let v = json(&out);
+    assert!(
+        v["error"].as_str().unwrap_or_default().contains("node 2"),
+        "{v}"
+    );
+    assert_eq!(v["missing_counters"], serde_json::json!([2]), "{v}");
+    // Detection takes the 3 s idle timeout; the rest of the run's end must not wait for
+    // the hung node (it took 13 to 18 s when it did).
+    assert!(
+        took < Duration::from_secs(8),
+        "the run took {took:?} to end after the hang"
+    );
+    assert!(wait_gone(&nodes, Duration::from_secs(5)).is_empty());
+}
