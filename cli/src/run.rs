@@ -15,13 +15,14 @@ use flotilla_workloads::{native, Workload};
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The demo `flotilla run` runs with no workload or image.
-pub const DEFAULT_WORKLOAD: Workload = Workload::Sort;
+/// The demo `flotilla run` runs with no workload or image: a matrix multiplication
+/// (read-shared inputs) of about a second, on 2 nodes against 1.
+pub const DEFAULT_WORKLOAD: Workload = Workload::Matmul;
+pub const DEFAULT_ARGS: &str = "n=900";
 pub const DEFAULT_VCPUS: u32 = 4;
-/// Nodes of the demo cluster `flotilla run` starts with no options.
 pub const DEFAULT_NODES: u16 = 2;
 
-#[derive(Args)]
+#[derive(Args, Clone)]
 pub struct RunArgs {
     /// Built-in workload to run (see `flotilla workloads`). Default: sort with 4 vCPUs.
     #[arg(long, conflicts_with = "image")]
@@ -99,13 +100,7 @@ struct Plan {
 }
 
 fn plan(args: &RunArgs, nodes: u16) -> Result<Plan> {
-    let vcpus = args
-        .vcpus
-        .unwrap_or(if args.image.is_some() || args.workload.is_some() {
-            1
-        } else {
-            DEFAULT_VCPUS
-        });
+    let vcpus = args.vcpus.unwrap_or(1);
     if vcpus == 0 || vcpus > flotilla_abi::VCPUS_MAX {
         bail!(
             "--vcpus {vcpus}: a guest has 1 to {} vCPUs",
@@ -143,6 +138,7 @@ fn plan(args: &RunArgs, nodes: u16) -> Result<Plan> {
         config.mem_bytes = args.mem.unwrap_or(MIN_DEFAULT_MEM_BYTES);
         (path.display().to_string(), None, image)
     } else {
+        // The demo fills in its workload before it gets here.
         let name = args.workload.as_deref().unwrap_or(DEFAULT_WORKLOAD.name());
         let workload = workload_named(name)?;
         let prepared = workload
@@ -189,37 +185,111 @@ fn reference(plan: &Plan, args: &RunArgs) -> Result<Option<u64>> {
 }
 
 pub fn run(args: RunArgs) -> Result<i32> {
-    let demo = args.workload.is_none() && args.image.is_none();
+    if args.workload.is_none() && args.image.is_none() {
+        return demo(args);
+    }
+    let (plan, reported, reference) = execute(&args)?;
+    show(&args, &plan.info, &reported, reference, None);
+    Ok(report::exit_status(&plan.info, &reported, reference))
+}
+
+/// Runs the guest `args` describe; returns the host reference too (for a workload that
+/// exited 0, unless `--no-verify`).
+fn execute(args: &RunArgs) -> Result<(Plan, Reported, Option<u64>)> {
     let observed =
         (args.observe.any() || !args.inject_health.is_empty() || args.cpus_per_node.is_some())
             .then_some(1);
-    let cluster = args.nodes.or(demo.then_some(DEFAULT_NODES)).or(observed);
-    let plan = plan(&args, cluster.unwrap_or(1))?;
+    let cluster = args.nodes.or(observed);
+    let plan = plan(args, cluster.unwrap_or(1))?;
     let reported = match cluster {
-        Some(_) => launch(&launch_of(&args, &plan))?,
+        Some(_) => launch(&launch_of(args, &plan))?,
         None => run_here(&plan),
     };
     let reference = match reported.exit_code() {
-        Some(0) => reference(&plan, &args)?,
+        Some(0) => reference(&plan, args)?,
         _ => None,
     };
-    let info = &plan.info;
+    Ok((plan, reported, reference))
+}
+
+/// Prints a run's result: one JSON object, or the console output and a summary.
+/// `demo` is what the demo adds: a JSON field and a line of text.
+fn show(
+    args: &RunArgs,
+    info: &RunInfo,
+    reported: &Reported,
+    reference: Option<u64>,
+    demo: Option<(serde_json::Value, String)>,
+) {
     if args.json {
-        crate::say(&report::summary(info, &reported, reference).to_string());
-    } else {
-        crate::say_out(&reported.console);
-        crate::say_out(&report::text(info, &reported, reference));
-        if let (Some(n), Some(path)) = (reported.trace_events, &args.observe.trace) {
-            crate::say(&format!(
-                "  trace: {n} events written to {}",
-                path.display()
-            ));
+        let mut obj = report::summary(info, reported, reference);
+        if let Some((v, _)) = &demo {
+            obj["demo"] = v.clone();
         }
-        if let Err(e) = &reported.result {
-            crate::say_err(&format!("flotilla: guest failed: {e}"));
-        }
+        crate::say(&obj.to_string());
+        return;
     }
-    Ok(report::exit_status(info, &reported, reference))
+    crate::say_out(&reported.console);
+    crate::say_out(&report::text(info, reported, reference));
+    if let (Some(n), Some(path)) = (reported.trace_events, &args.observe.trace) {
+        crate::say(&format!(
+            "  trace: {n} events written to {}",
+            path.display()
+        ));
+    }
+    if let Some((_, line)) = &demo {
+        crate::say(line);
+    }
+    if let Err(e) = &reported.result {
+        crate::say_err(&format!("flotilla: guest failed: {e}"));
+    }
+}
+
+/// `flotilla run` with no workload or image: the demo guest on 2 nodes, each pinned to
+/// its own CPU where the host has enough, against the same guest on 1 node.
+fn demo(mut args: RunArgs) -> Result<i32> {
+    args.workload = Some(DEFAULT_WORKLOAD.name().to_string());
+    if args.args.is_empty() {
+        args.args = DEFAULT_ARGS.to_string();
+    }
+    args.vcpus.get_or_insert(DEFAULT_VCPUS);
+    let nodes = *args.nodes.get_or_insert(DEFAULT_NODES);
+    let cpus = crate::cpus::allowed()?.len();
+    if args.cpus_per_node.is_none() && cpus >= nodes as usize {
+        args.cpus_per_node = Some(1);
+    }
+    let mut alone = args.clone();
+    alone.nodes = Some(1);
+    alone.json = true;
+    let (_, one, _) = execute(&alone)?;
+    let (plan, reported, reference) = execute(&args)?;
+    let extra = match (one.result.is_ok(), reported.result.is_ok()) {
+        (true, true) => {
+            let speedup = one.wall_ms / reported.wall_ms;
+            let per = args.cpus_per_node.map_or("unpinned".to_string(), |c| {
+                format!("{c} CPU{}", if c == 1 { "" } else { "s" })
+            });
+            let mut line = format!(
+                "  the same guest on 1 node ({per}): {:.1} ms; on {nodes} nodes ({per} each): {:.1} ms, {speedup:.2}x",
+                one.wall_ms, reported.wall_ms
+            );
+            if args.cpus_per_node.is_none() {
+                line += &format!(
+                    "\n  (unpinned: this host has {cpus} CPU{} for {nodes} nodes, so they share CPUs and the comparison says nothing about placement)",
+                    if cpus == 1 { "" } else { "s" }
+                );
+            }
+            let v = serde_json::json!({
+                "one_node_ms": (one.wall_ms * 1000.0).round() / 1000.0,
+                "speedup": (speedup * 1000.0).round() / 1000.0,
+                "pinned": args.cpus_per_node.is_some(),
+            });
+            Some((v, line))
+        }
+        _ => None,
+    };
+    show(&args, &plan.info, &reported, reference, extra);
+    Ok(report::exit_status(&plan.info, &reported, reference))
 }
 
 /// The guest on one in-process engine.

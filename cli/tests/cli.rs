@@ -51,6 +51,10 @@ fn default_demo_runs() {
         text.contains("verified against the host reference"),
         "{text}"
     );
+    // What a newcomer should see: the nodes, the moves, and 1 node against 2.
+    assert!(text.contains("on 2 nodes"), "{text}");
+    assert!(text.contains("vCPU moves"), "{text}");
+    assert!(text.contains("the same guest on 1 node"), "{text}");
 }
 
 #[test]
