@@ -289,3 +289,66 @@ fn a_hung_node_ends_the_run_within_seconds() {
     );
     assert!(wait_gone(&nodes, Duration::from_secs(5)).is_empty());
 }
+
+/// What the file descriptors of process `pid` point at.
+fn fd_targets(pid: u32) -> Vec<String> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .map(|p| p.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_node_alone_needs_no_userfaultfd_and_no_socket() {
+    if !kvm() {
+        return;
+    }
+    for (sample_rate, wants_uffd) in [("0", false), ("1000", true)] {
+        let mut launcher = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args([
+                "run",
+                "--workload",
+                "kvstore",
+                "--args",
+                "ops=50000000 keys=100000",
+            ])
+            .args([
+                "--vcpus",
+                "2",
+                "--nodes",
+                "1",
+                "--json",
+                "--sample-rate",
+                sample_rate,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let node = loop {
+            let c = children(launcher.id());
+            // The guest runs once the node has its KVM vCPUs open.
+            if let Some(&n) = c.first() {
+                if fd_targets(n).iter().any(|t| t.contains("kvm-vcpu")) {
+                    break n;
+                }
+            }
+            assert!(Instant::now() < deadline, "the node did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let fds = fd_targets(node);
+        signal(launcher.id(), 15);
+        let _ = launcher.wait();
+        let uffd = fds.iter().any(|t| t.contains("userfaultfd"));
+        assert_eq!(uffd, wants_uffd, "sample rate {sample_rate}: {fds:?}");
+        assert!(
+            !fds.iter().any(|t| t.starts_with("socket:")),
+            "a node alone opened a socket: {fds:?}"
+        );
+    }
+}

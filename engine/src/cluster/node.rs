@@ -269,7 +269,9 @@ pub(super) struct Node {
     pub nodes: u16,
     pub vcpus: u32,
     pub memory: Arc<GuestMemory>,
-    pub uffd: Userfault,
+    /// `None` for a node that runs alone without the access sampler: it holds every
+    /// page, so nothing ever has to trap, and first touches stay the kernel's.
+    uffd: Option<Userfault>,
     /// First page under coherence (everything below is the engine's, private per node).
     pub first_page: u64,
     states: Vec<AtomicU8>,
@@ -361,13 +363,21 @@ impl Node {
         h.store(if v >= 32 { v / 2 } else { v + 1 }, Ordering::Relaxed);
     }
 
+    /// The fault trap; only a node that runs alone (and does not sample) has none, and
+    /// such a node never moves, drops or protects a page.
+    pub fn uffd(&self) -> Result<&Userfault, String> {
+        self.uffd
+            .as_ref()
+            .ok_or_else(|| format!("node {}: runs alone, without userfaultfd", self.me))
+    }
+
     /// Installs a page this node holds but has not mapped: the contents the access
     /// sampler took away, or zeros for a page never touched. Under its lock. Returns when
     /// the sampler armed the page, if it did (the access is a sample).
     pub fn populate(&self, page: u64, state: PageState) -> Result<Option<u64>, String> {
         let armed = self.take_armed(page);
         let data = armed.as_ref().map_or(&ZERO_PAGE, |a| &*a.data);
-        self.uffd
+        self.uffd()?
             .install(page * PAGE, data, state == PageState::Shared)
             .map_err(|e| format!("node {}: {e}", self.me))?;
         self.set_state(page, state, true);
@@ -626,7 +636,7 @@ impl Node {
             if populated {
                 if state == PageState::Owned {
                     // Stop local writers before copying.
-                    self.uffd.protect(gpa, PAGE, true).map_err(uffd_err)?;
+                    self.uffd()?.protect(gpa, PAGE, true).map_err(uffd_err)?;
                 }
                 self.memory
                     .read(gpa, &mut data[..])
@@ -641,7 +651,7 @@ impl Node {
                 }
                 Access::Write => {
                     if populated {
-                        self.uffd.drop_pages(gpa, PAGE).map_err(uffd_err)?;
+                        self.uffd()?.drop_pages(gpa, PAGE).map_err(uffd_err)?;
                     }
                     self.take_armed(page);
                     self.set_state(page, PageState::Invalid, false);
@@ -682,7 +692,7 @@ impl Node {
                 ));
             }
             let read_only = want == Access::Read;
-            self.uffd
+            self.uffd()?
                 .install(page * PAGE, data, read_only)
                 .map_err(|e| format!("node {me}: {e}"))?;
             let state = if read_only {
@@ -727,7 +737,7 @@ impl Node {
             }
             if want == Access::Write {
                 if state == PageState::Shared && populated {
-                    self.uffd
+                    self.uffd()?
                         .protect(page * PAGE, PAGE, false)
                         .map_err(|e| format!("node {me}: {e}"))?;
                 }
@@ -746,7 +756,7 @@ impl Node {
             let _g = self.lock(page);
             let (_, populated) = self.state(page);
             if populated {
-                self.uffd
+                self.uffd()?
                     .drop_pages(page * PAGE, PAGE)
                     .map_err(|e| format!("node {me}: {e}"))?;
             }
@@ -1087,8 +1097,14 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
     let image = Image::parse(&image, spec.mem_bytes)?;
     let layout = BootLayout::new(&image, spec.vcpus, spec.mem_bytes, spec.stack_bytes)?;
     let hypervisor = Hypervisor::open()?;
+    // Alone (and not sampling), this node holds every page for good: no trap at all,
+    // every page owned and mapped on first touch by the kernel (huge pages allowed), the
+    // image writable.
+    let alone = spec.nodes == 1 && observe.sample_rate == 0;
     let memory = Arc::new(GuestMemory::new(spec.mem_bytes)?);
-    memory.disable_huge_pages();
+    if !alone {
+        memory.disable_huge_pages();
+    }
     image.load(&memory)?;
     layout.write(&memory, &spec.args)?;
 
@@ -1110,16 +1126,27 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
     } else {
         (1u64 << spec.nodes) - 1
     };
-    let uffd = Userfault::register(&memory, IMAGE_MIN_ADDR, spec.mem_bytes)?;
-    let resident = uffd.resident(IMAGE_MIN_ADDR, spec.mem_bytes - IMAGE_MIN_ADDR)?;
+    let uffd = if alone {
+        None
+    } else {
+        Some(Userfault::register(
+            &memory,
+            IMAGE_MIN_ADDR,
+            spec.mem_bytes,
+        )?)
+    };
     let count = (pages - first_page) as usize;
+    let resident = match &uffd {
+        Some(u) => u.resident(IMAGE_MIN_ADDR, spec.mem_bytes - IMAGE_MIN_ADDR)?,
+        None => vec![true; count],
+    };
     let mut states = Vec::with_capacity(count);
     let mut hints = Vec::with_capacity(count);
     let mut run_start: Option<u64> = None;
     for (i, &was_resident) in resident.iter().enumerate().take(count) {
         let page = first_page + i as u64;
         let home = placement.home(page);
-        let replicated = placement.image.contains(&page);
+        let replicated = placement.image.contains(&page) && !alone;
         let state = if replicated {
             PageState::Shared
         } else if home == me {
@@ -1132,21 +1159,23 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
             state as u8 | if populated { POPULATED } else { 0 },
         ));
         hints.push(AtomicU16::new(home));
-        // Drop runs of pages this node does not start with.
-        match (state == PageState::Invalid, run_start) {
-            (true, None) => run_start = Some(page),
-            (false, Some(s)) => {
-                uffd.drop_pages(s * PAGE, (page - s) * PAGE)?;
-                run_start = None;
+        // Drop runs of pages this node does not start with (never alone: it has them all).
+        if let Some(uffd) = &uffd {
+            match (state == PageState::Invalid, run_start) {
+                (true, None) => run_start = Some(page),
+                (false, Some(s)) => {
+                    uffd.drop_pages(s * PAGE, (page - s) * PAGE)?;
+                    run_start = None;
+                }
+                _ => {}
             }
-            _ => {}
         }
     }
-    if let Some(s) = run_start {
+    if let (Some(uffd), Some(s)) = (&uffd, run_start) {
         uffd.drop_pages(s * PAGE, (pages - s) * PAGE)?;
     }
     // The image is a read-only replica everywhere; writes upgrade through its home.
-    if !placement.image.is_empty() {
+    if let (Some(uffd), false) = (&uffd, placement.image.is_empty()) {
         let start = placement.image.start.max(first_page);
         for page in start..placement.image.end {
             if resident[(page - first_page) as usize] {

@@ -48,11 +48,11 @@ impl Node {
         let gpa = page * PAGE;
         if state == PageState::Owned {
             // Stop local writers before copying; they trap and wait for the page lock.
-            self.uffd.protect(gpa, PAGE, true).map_err(|e| err(&e))?;
+            self.uffd()?.protect(gpa, PAGE, true).map_err(|e| err(&e))?;
         }
         let mut data = Box::new([0u8; PAGE as usize]);
         self.memory.read(gpa, &mut data[..]).map_err(|e| err(&e))?;
-        self.uffd.drop_pages(gpa, PAGE).map_err(|e| err(&e))?;
+        self.uffd()?.drop_pages(gpa, PAGE).map_err(|e| err(&e))?;
         self.set_state(page, state, false);
         let at_ns = monotonic_ns();
         let old = self
