@@ -41,13 +41,14 @@ pub struct ScalingArgs {
 }
 
 /// Arguments that make each workload take roughly a second on one pinned node with one
-/// CPU and 4 vCPUs (measured on the 2-core development host).
+/// CPU and 4 vCPUs (measured on the 2-core development host, a node alone running
+/// without userfaultfd).
 pub const SCALING_ARGS: [(&str, &str); 7] = [
-    ("stream", "n=2m reps=100"),
-    ("matmul", "n=900"),
-    ("bfs", "vertices=1300000 degree=8"),
-    ("kvstore", "ops=10m keys=200000"),
-    ("sort", "n=5m"),
+    ("stream", "n=2m reps=600"),
+    ("matmul", "n=1250"),
+    ("bfs", "vertices=2m degree=8"),
+    ("kvstore", "ops=26m keys=200000"),
+    ("sort", "n=14m"),
     ("queue", "items=1m capacity=64"),
     ("chase", "nodes=1m steps=1m"),
 ];
