@@ -196,10 +196,11 @@ pub struct ReportArgs {
 }
 
 /// Machine code of the return trampoline placed at [`RETURN_TRAMPOLINE_ADDR`]:
-/// `mov dx, HYPERCALL_PORT_BASE + RETURN; out dx, eax; 1: hlt; jmp 1b`.
-pub const RETURN_TRAMPOLINE_CODE: [u8; 8] = {
+/// `mov dx, HYPERCALL_PORT_BASE + RETURN; out dx, eax; 1: pause; jmp 1b`. (Not `hlt`,
+/// which faults at CPL 3; the engine never resumes a vCPU after RETURN anyway.)
+pub const RETURN_TRAMPOLINE_CODE: [u8; 9] = {
     let port = (HYPERCALL_PORT_BASE + hypercall::RETURN).to_le_bytes();
-    [0x66, 0xBA, port[0], port[1], 0xEF, 0xF4, 0xEB, 0xFD]
+    [0x66, 0xBA, port[0], port[1], 0xEF, 0xF3, 0x90, 0xEB, 0xFC]
 };
 
 // The engine's regions must not overlap; checked when anything builds this crate.

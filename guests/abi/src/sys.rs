@@ -40,9 +40,9 @@ fn block<T>(args: &mut T) -> u32 {
 pub fn sys_exit(status: i32) -> ! {
     out32(hypercall::EXIT, status as u32);
     loop {
-        // SAFETY: unreachable in practice (the engine stops the vCPU at EXIT); `hlt` with
-        // interrupts off keeps the vCPU parked if it ever resumes.
-        unsafe { asm!("hlt", options(nomem, nostack)) };
+        // SAFETY: unreachable in practice (the engine stops the vCPU at EXIT). A spin, not
+        // `hlt`, which faults at CPL 3, where guests run.
+        unsafe { asm!("pause", options(nomem, nostack)) };
     }
 }
 
