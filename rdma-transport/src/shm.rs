@@ -8,6 +8,9 @@
 //!
 //! The segment's name travels over the link's authenticated TCP connection, which stays
 //! open for keep-alives: a peer that dies or hangs is noticed the same way as with TCP.
+//! A loss seen on that connection is reported only once the ring is drained (or after
+//! `DRAIN_LIMIT`), so that what a peer wrote before closing, such as its last error,
+//! still arrives before the news that it is gone, as it would on one TCP stream.
 
 use crate::tcp::{connect_all, read_frame};
 use crate::wire::{self, Message, HEADER_BYTES, MAX_BODY_BYTES};
@@ -26,6 +29,9 @@ const CONTROL_BYTES: usize = 256;
 const SEGMENT_BYTES: usize = 2 * (CONTROL_BYTES + RING_BYTES);
 /// How long a receiver polls an empty ring before sleeping on the doorbell.
 const SPIN: Duration = Duration::from_micros(200);
+/// How long a loss seen on the TCP connection waits for the ring receiver to drain what
+/// the peer published before it went (the receiver may be busy in a handler).
+const DRAIN_LIMIT: Duration = Duration::from_secs(1);
 
 #[repr(C)]
 struct Control {
@@ -114,6 +120,14 @@ fn futex(word: &AtomicU32, op: libc::c_int, val: u32, timeout: Option<&libc::tim
     unsafe { libc::syscall(libc::SYS_futex, word.as_ptr(), op, val, ts) };
 }
 
+/// The end of one peer's link, reported to the handler at most once.
+#[derive(Default)]
+struct Loss {
+    /// Seen on the TCP connection, not yet reported: waits for the ring to drain.
+    pending: Mutex<Option<TransportError>>,
+    reported: AtomicBool,
+}
+
 struct Link {
     addr: SocketAddr,
     tx: Ring,
@@ -127,6 +141,8 @@ pub struct ShmTransport {
     me: NodeId,
     nodes: u16,
     links: Vec<Option<Link>>,
+    /// Indexed by peer.
+    losses: Vec<Loss>,
     traffic: Traffic,
     closed: AtomicBool,
 }
@@ -291,7 +307,7 @@ impl ShmTransport {
             tcp.set_read_timeout(Some(config.idle_timeout))
                 .map_err(|e| io("setting the idle timeout", e))?;
             let tcp_rx = tcp.try_clone().map_err(|e| io("cloning the socket", e))?;
-            receivers.push((peer, addr, ring(&segment, rx), tcp_rx, Arc::clone(&segment)));
+            receivers.push((peer, addr, rx, tcp_rx, Arc::clone(&segment)));
             links.push(Some(Link {
                 addr,
                 tx: ring(&segment, tx),
@@ -304,6 +320,7 @@ impl ShmTransport {
             me,
             nodes: config.addrs.len() as u16,
             links,
+            losses: (0..config.addrs.len()).map(|_| Loss::default()).collect(),
             traffic: Traffic::default(),
             closed: AtomicBool::new(false),
         });
@@ -314,19 +331,26 @@ impl ShmTransport {
             source,
         };
         for (peer, addr, rx, tcp, segment) in receivers {
-            let (t, h) = (Arc::clone(&transport), Arc::clone(&handler));
+            let (t, h, s) = (
+                Arc::clone(&transport),
+                Arc::clone(&handler),
+                Arc::clone(&segment),
+            );
             std::thread::Builder::new()
                 .name(format!("shm{me}<{peer}"))
                 .spawn(move || {
-                    let _segment = segment;
-                    t.receive_ring(peer, &rx, &*h)
+                    let _segment = s;
+                    t.receive_ring(peer, &ring(&_segment, rx), &*h)
                 })
                 .map_err(|e| spawn_err(peer, addr, e))?;
             let (t, h) = (Arc::clone(&transport), Arc::clone(&handler));
             let idle = config.idle_timeout;
             std::thread::Builder::new()
                 .name(format!("live{me}<{peer}"))
-                .spawn(move || t.watch_liveness(peer, addr, tcp, idle, &*h))
+                .spawn(move || {
+                    let rx = ring(&segment, rx);
+                    t.watch_liveness(peer, addr, tcp, idle, &rx, &*h)
+                })
                 .map_err(|e| spawn_err(peer, addr, e))?;
         }
         if config.addrs.len() > 1 {
@@ -340,11 +364,35 @@ impl ShmTransport {
         Ok(transport)
     }
 
+    /// Reports the end of `peer`'s link, once (both of its threads may see it).
     fn lost(&self, peer: NodeId, why: TransportError, handler: &dyn Handler) {
-        if !self.closed.load(Ordering::SeqCst) {
-            tracing::debug!(node = self.me, peer, error = %why, "link lost");
-            handler.link_lost(peer, why);
+        let Some(loss) = self.losses.get(peer as usize) else {
+            return;
+        };
+        if self.closed.load(Ordering::SeqCst) || loss.reported.swap(true, Ordering::SeqCst) {
+            return;
         }
+        tracing::debug!(node = self.me, peer, error = %why, "link lost");
+        handler.link_lost(peer, why);
+    }
+
+    fn loss_pending(&self, peer: NodeId) -> bool {
+        self.losses.get(peer as usize).is_some_and(|l| {
+            l.pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .is_some()
+        })
+    }
+
+    /// A loss seen on the TCP connection, reported by the ring receiver once it has
+    /// drained the ring; None while the link stands.
+    fn take_pending_loss(&self, peer: NodeId) -> Option<TransportError> {
+        let loss = self.losses.get(peer as usize)?;
+        loss.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     /// Keep-alives only travel on TCP; anything else there is a protocol error.
@@ -354,6 +402,7 @@ impl ShmTransport {
         addr: SocketAddr,
         mut tcp: TcpStream,
         idle: Duration,
+        rx: &Ring,
         handler: &dyn Handler,
     ) {
         let mut header = [0u8; HEADER_BYTES];
@@ -370,8 +419,24 @@ impl ShmTransport {
                 Err(e) => break e,
             }
         };
-        if !self.closed.load(Ordering::SeqCst) {
-            let _ = tcp.shutdown(Shutdown::Both);
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let _ = tcp.shutdown(Shutdown::Both);
+        // Hand the loss to the ring receiver, which reports it after the last frame the
+        // peer published; report it here if the receiver does not get to it in time.
+        let Some(loss) = self.losses.get(peer as usize) else {
+            return;
+        };
+        *loss.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        let c = rx.control();
+        c.bell.fetch_add(1, Ordering::SeqCst);
+        futex(&c.bell, libc::FUTEX_WAKE, 1, None);
+        let deadline = Instant::now() + DRAIN_LIMIT;
+        while Instant::now() < deadline && !loss.reported.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(why) = self.take_pending_loss(peer) {
             self.lost(peer, why, handler);
         }
     }
@@ -381,6 +446,7 @@ impl ShmTransport {
         let mut tail = c.tail.load(Ordering::Acquire);
         let mut header = [0u8; HEADER_BYTES];
         let mut body = Vec::new();
+        let mut gone = false;
         loop {
             // Wait for a whole frame's header.
             let spin_until = Instant::now() + SPIN;
@@ -391,6 +457,19 @@ impl ShmTransport {
                 let head = c.head.load(Ordering::Acquire);
                 if head != tail {
                     break head;
+                }
+                if self.loss_pending(peer) {
+                    if gone {
+                        // Everything the peer published before it went has been delivered.
+                        if let Some(why) = self.take_pending_loss(peer) {
+                            self.lost(peer, why, handler);
+                        }
+                        return;
+                    }
+                    // Look at the ring once more: the loss may have been seen after the
+                    // last frames were published but before this thread read the head.
+                    gone = true;
+                    continue;
                 }
                 if Instant::now() < spin_until {
                     std::thread::yield_now();

@@ -80,3 +80,68 @@ fn silent_connections_do_not_hold_up_a_forming_cluster() {
     t0.close();
     t1.close();
 }
+
+/// Records what arrives and when the link is lost, slowly, so that the receiver is still
+/// busy with earlier frames when the peer goes.
+struct SlowLog(Mutex<Sender<Option<u64>>>);
+
+impl Handler for SlowLog {
+    fn deliver(&self, _from: NodeId, msg: Message) {
+        if let Message::Report { value } = msg {
+            std::thread::sleep(Duration::from_millis(2));
+            let _ = self.0.lock().unwrap().send(Some(value));
+        }
+    }
+    fn link_lost(&self, _peer: NodeId, _why: TransportError) {
+        let _ = self.0.lock().unwrap().send(None);
+    }
+}
+
+#[test]
+fn what_a_peer_sent_before_it_closed_arrives_before_its_loss() {
+    // A failing node sends its error and closes at once. On shm the frames travel in the
+    // ring and the close on the TCP connection beside it: the loss must still be reported
+    // after the frames (before, node 0 could hear "closed the connection" first and
+    // report that instead of the guest's error).
+    for kind in [Kind::Shm, Kind::Tcp] {
+        let addrs = addrs(2);
+        let limit = Duration::from_secs(5);
+        let (tx0, rx0) = channel();
+        let a0 = addrs.clone();
+        let node0 = std::thread::spawn(move || {
+            establish(
+                kind,
+                &config(0, &a0, limit),
+                Arc::new(SlowLog(Mutex::new(tx0))),
+            )
+        });
+        let (tx1, _rx1) = channel();
+        let t1 = establish(
+            kind,
+            &config(1, &addrs, limit),
+            Arc::new(Inbox(Mutex::new(tx1))),
+        )
+        .expect("node 1 joins");
+        let t0 = node0.join().unwrap().expect("node 0 forms the cluster");
+        const SENT: u64 = 100;
+        for value in 0..SENT {
+            t1.send(0, &Message::Report { value }).unwrap();
+        }
+        t1.close();
+        drop(t1);
+        let mut got = Vec::new();
+        loop {
+            match rx0.recv_timeout(Duration::from_secs(10)) {
+                Ok(Some(v)) => got.push(v),
+                Ok(None) => break,
+                Err(e) => panic!("{kind:?}: no loss reported after {} frames: {e}", got.len()),
+            }
+        }
+        assert_eq!(got, (0..SENT).collect::<Vec<_>>(), "{kind:?}");
+        assert!(
+            rx0.recv_timeout(Duration::from_millis(300)).is_err(),
+            "{kind:?}: something after the loss"
+        );
+        t0.close();
+    }
+}
