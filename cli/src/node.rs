@@ -124,6 +124,7 @@ pub fn node(args: NodeArgs) -> Result<i32> {
         sample_rate: args.observe.sample_rate,
         sysfs_root: args.sysfs_root.clone(),
         health_inject: args.inject_health.clone(),
+        forward_console: false,
     };
     let info = RunInfo {
         name: file
@@ -147,7 +148,7 @@ pub fn node(args: NodeArgs) -> Result<i32> {
         Ok(None) => return Ok(0),
         Err(e) if me == 0 => Reported::failed(info.nodes, e.to_string()),
         // Node 0 has it and the launcher prints node 0's result: once is enough.
-        Err(cluster::NodeError::Reported(_)) if args.launched => return Ok(2),
+        Err(flotilla_engine::Error::Reported(_)) if args.launched => return Ok(2),
         Err(e) => {
             crate::say_err(&format!("flotilla node {me}: {e}"));
             return Ok(2);

@@ -53,7 +53,7 @@ impl Reported {
 
     pub fn from_outcome(o: ClusterOutcome) -> Self {
         Reported {
-            result: o.result,
+            result: o.result.map_err(|e| e.to_string()),
             report: o.report,
             console: String::from_utf8_lossy(&o.console).into_owned(),
             console_truncated: o.console_truncated,

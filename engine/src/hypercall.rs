@@ -210,6 +210,14 @@ pub mod result_offset {
     pub const FUTEX_WAKE: u64 = offset_of!(FutexWakeArgs, result) as u64;
 }
 
+/// The value of an `out`, zero-extended from 1, 2 or 4 bytes.
+pub(crate) fn le_value(data: &[u8]) -> u32 {
+    let mut bytes = [0u8; 4];
+    let n = data.len().min(4);
+    bytes[..n].copy_from_slice(&data[..n]);
+    u32::from_le_bytes(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

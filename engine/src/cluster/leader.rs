@@ -9,8 +9,12 @@
 //! wake message, and the coherent read sees every store before it).
 
 use super::node::{CoherentView, Node, Slot, POLL};
-use super::{ClusterOutcome, NodeError, NodeId};
-use crate::machine::CONSOLE_MAX_BYTES;
+use super::{ClusterOutcome, NodeId};
+use crate::Error;
+use std::io::Write as _;
+
+/// Most console output kept in a run's outcome.
+pub const CONSOLE_MAX_BYTES: usize = 1 << 20;
 use crate::memory::GuestRead;
 use flotilla_abi::errno;
 use flotilla_transport::{Message, NodeStats, Samples};
@@ -34,6 +38,8 @@ enum FutexOp {
     },
     /// A vCPU returned: maybe every other one is asleep for good.
     Recheck,
+    /// While held (a pause), waits return at once as if woken; holding wakes every waiter.
+    Hold(bool),
 }
 
 struct Waiter {
@@ -45,7 +51,7 @@ struct Waiter {
 
 #[derive(Default)]
 struct State {
-    result: Option<Result<i32, String>>,
+    result: Option<Result<i32, Error>>,
     ended: Option<Instant>,
     returned: Vec<Option<i32>>,
     report: Option<u64>,
@@ -62,10 +68,12 @@ pub(super) struct Leader {
     futex: Mutex<mpsc::Sender<FutexOp>>,
     /// Taken by the futex thread; ops sent before it starts wait in the channel.
     futex_rx: Mutex<Option<mpsc::Receiver<FutexOp>>>,
+    /// Also write the guest's fd 1 to stdout and fd 2 to stderr as they arrive.
+    forward_console: bool,
 }
 
 impl Leader {
-    pub fn new(vcpus: u32, nodes: u16) -> Self {
+    pub fn new(vcpus: u32, nodes: u16, forward_console: bool) -> Self {
         let (tx, rx) = mpsc::channel();
         Leader {
             state: Mutex::new(State {
@@ -77,6 +85,7 @@ impl Leader {
             changed: Condvar::new(),
             futex: Mutex::new(tx),
             futex_rx: Mutex::new(Some(rx)),
+            forward_console,
         }
     }
 
@@ -85,7 +94,7 @@ impl Leader {
     }
 
     /// Ends the run with `result` unless it already ended.
-    pub fn finish(&self, result: Result<i32, String>) {
+    pub fn finish(&self, result: Result<i32, Error>) {
         let mut s = self.state();
         if s.result.is_none() {
             if let Err(e) = &result {
@@ -102,6 +111,36 @@ impl Leader {
         self.state().result.is_some()
     }
 
+    /// Starts from a snapshot's progress: vCPUs that had returned, the reported value.
+    pub fn resume(&self, returned: &[Option<i32>], report: Option<u64>) {
+        let mut s = self.state();
+        s.returned = returned.to_vec();
+        s.report = report;
+    }
+
+    /// Ends the run if every vCPU has returned already (a restored snapshot).
+    pub fn all_returned(&self) {
+        let s = self.state();
+        if s.returned.iter().all(Option::is_some) {
+            let code = s.returned.first().copied().flatten().unwrap_or(0);
+            drop(s);
+            self.finish(Ok(code));
+        }
+    }
+
+    pub fn returned_list(&self) -> Vec<Option<i32>> {
+        self.state().returned.clone()
+    }
+
+    pub fn report(&self) -> Option<u64> {
+        self.state().report
+    }
+
+    /// See [`FutexOp::Hold`].
+    pub fn hold_futexes(&self, hold: bool) {
+        self.futex_op(FutexOp::Hold(hold));
+    }
+
     fn futex_op(&self, op: FutexOp) {
         let _ = self
             .futex
@@ -110,9 +149,16 @@ impl Leader {
             .send(op);
     }
 
-    pub fn handle(&self, from: NodeId, msg: Message) -> Result<(), String> {
+    pub fn handle(&self, from: NodeId, msg: Message) -> Result<(), Error> {
         match msg {
-            Message::Console { bytes, .. } => {
+            Message::Console { fd, bytes } => {
+                if self.forward_console {
+                    let _ = if fd == 2 {
+                        std::io::stderr().lock().write_all(&bytes)
+                    } else {
+                        std::io::stdout().lock().write_all(&bytes)
+                    };
+                }
                 let mut s = self.state();
                 let room = CONSOLE_MAX_BYTES.saturating_sub(s.console.len());
                 let n = bytes.len().min(room);
@@ -122,9 +168,13 @@ impl Leader {
             Message::Report { value } => self.state().report = Some(value),
             Message::VcpuReturned { vcpu, code } => {
                 let mut s = self.state();
-                let slot = s.returned.get_mut(vcpu as usize).ok_or_else(|| {
-                    format!("node {from}: vCPU {vcpu} returned; there is no such vCPU")
-                })?;
+                let slot = s
+                    .returned
+                    .get_mut(vcpu as usize)
+                    .ok_or_else(|| Error::Protocol {
+                        from,
+                        what: format!("the return of vCPU {vcpu}; there is no such vCPU"),
+                    })?;
                 *slot = Some(code);
                 if s.returned.iter().all(Option::is_some) {
                     let code = s.returned[0].unwrap_or(code);
@@ -136,7 +186,7 @@ impl Leader {
                 }
             }
             Message::Exit { code } => self.finish(Ok(code)),
-            Message::Fatal { text } => self.finish(Err(text)),
+            Message::Fatal { text } => self.finish(Err(Error::Remote(text))),
             Message::Stats { stats, samples } => self.record_stats(from, stats, samples),
             Message::FutexWait {
                 vcpu,
@@ -157,26 +207,26 @@ impl Leader {
                 count,
             }),
             other => {
-                return Err(format!(
-                    "node {from}: unexpected {} at node 0",
-                    other.name()
-                ))
+                return Err(Error::Protocol {
+                    from,
+                    what: format!("{} to node 0, which does not take it", other.name()),
+                })
             }
         }
         Ok(())
     }
 
     /// Waits for the end of the run (or the timeout, which ends it).
-    pub fn wait_end(&self, timeout: Option<Duration>, started: Instant) -> Result<i32, String> {
+    pub fn wait_end(&self, timeout: Option<Duration>, started: Instant) {
         let mut s = self.state();
         loop {
-            if let Some(r) = &s.result {
-                return r.clone();
+            if s.result.is_some() {
+                return;
             }
             match timeout {
                 Some(limit) if started.elapsed() >= limit => {
                     drop(s);
-                    self.finish(Err(format!("the guest did not finish within {limit:?}")));
+                    self.finish(Err(Error::Timeout(limit)));
                     s = self.state();
                 }
                 _ => {
@@ -225,8 +275,10 @@ impl Leader {
         self.state().ended.unwrap_or_else(Instant::now) - started
     }
 
-    pub fn outcome(&self, result: Result<i32, String>, wall: Duration) -> ClusterOutcome {
+    /// The run's outcome, once it has ended (taken: the next call has no result).
+    pub fn outcome(&self, wall: Duration) -> ClusterOutcome {
         let mut s = self.state();
+        let result = s.result.take().unwrap_or(Ok(0));
         let mut totals = NodeStats::default();
         let mut samples = Samples::default();
         let mut per_node = Vec::new();
@@ -255,17 +307,20 @@ impl Leader {
     pub fn start_futex_thread(
         &self,
         node: Arc<Node>,
-    ) -> Result<std::thread::JoinHandle<()>, NodeError> {
+    ) -> Result<std::thread::JoinHandle<()>, Error> {
         let rx = self
             .futex_rx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-            .ok_or_else(|| NodeError::Run("node 0: the futex thread started twice".into()))?;
+            .ok_or_else(|| Error::Config("the futex thread started twice".into()))?;
         std::thread::Builder::new()
             .name("futex".into())
             .spawn(move || futex_loop(&node, rx))
-            .map_err(|e| NodeError::Run(format!("node 0: cannot start the futex thread: {e}")))
+            .map_err(|source| Error::Thread {
+                what: "futex",
+                source,
+            })
     }
 
     fn returned(&self) -> u32 {
@@ -278,6 +333,7 @@ fn futex_loop(node: &Node, rx: mpsc::Receiver<FutexOp>) {
     let slot = Arc::new(Slot::default());
     let view = CoherentView { node, slot: &slot };
     let mut waiters: Vec<Waiter> = Vec::new();
+    let mut held = false;
     let reply = |to: NodeId, vcpu: u32, result: i32| {
         node.send(to, Message::FutexResult { vcpu, result });
     };
@@ -320,6 +376,7 @@ fn futex_loop(node: &Node, rx: mpsc::Receiver<FutexOp>) {
                 match word {
                     Err(_) => reply(from, vcpu, -errno::EINVAL),
                     Ok(w) if w != expected => reply(from, vcpu, -errno::EAGAIN),
+                    Ok(_) if held => reply(from, vcpu, 0),
                     Ok(_) => {
                         let deadline = (timeout_ns > 0)
                             .then(|| Instant::now() + Duration::from_nanos(timeout_ns));
@@ -351,14 +408,19 @@ fn futex_loop(node: &Node, rx: mpsc::Receiver<FutexOp>) {
                 reply(from, vcpu, woken.min(i32::MAX as u32) as i32);
             }
             FutexOp::Recheck => {}
+            FutexOp::Hold(on) => {
+                held = on;
+                if on {
+                    for w in waiters.drain(..) {
+                        reply(w.node, w.vcpu, 0);
+                    }
+                }
+            }
         }
         let forever = waiters.iter().filter(|w| w.deadline.is_none()).count() as u32;
         if forever > 0 && forever + leader.returned() == node.vcpus {
-            let last = waiters.last().map_or((0, 0), |w| (w.vcpu, w.addr));
-            leader.finish(Err(format!(
-                "deadlock: every running vCPU waits in futex_wait with no timeout (last: vCPU {} on {:#x})",
-                last.0, last.1
-            )));
+            let (vcpu, addr) = waiters.last().map_or((0, 0), |w| (w.vcpu, w.addr));
+            leader.finish(Err(Error::Deadlock { vcpu, addr }));
         }
     }
 }

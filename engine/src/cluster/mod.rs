@@ -14,21 +14,22 @@ mod decode;
 pub mod directory;
 mod leader;
 mod node;
+mod run;
+mod sampler;
 pub mod uffd;
 mod vcpu;
 
-use crate::boot::BootError;
-use crate::kvm::KvmError;
-use crate::loader::LoadError;
-use crate::memory::MemoryError;
-use flotilla_transport::{Kind, MeshConfig, NodeStats, Samples, TransportError};
+use crate::Error;
+use flotilla_transport::{Kind, MeshConfig, NodeStats, Samples};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use flotilla_telemetry::trace::TraceMeta;
 pub use flotilla_transport::NodeId;
-pub use node::{monotonic_ns, run_node};
+pub use leader::CONSOLE_MAX_BYTES;
+pub use node::monotonic_ns;
+pub use run::{run_node, BootedNode, RunningNode, Snapshot};
 
 /// How guest RAM is spread over the nodes at boot (vCPU stacks always start on their
 /// vCPU's node; the image is replicated read-only everywhere).
@@ -79,9 +80,9 @@ impl ClusterSpec {
     }
 
     /// Checks the spec as node `me` of it: node count, id, vCPU placement, policy.
-    pub fn check(&self, me: NodeId) -> Result<(), NodeError> {
+    pub fn check(&self, me: NodeId) -> Result<(), Error> {
         let spec = self;
-        let bad = |s: String| Err(NodeError::Config(s));
+        let bad = |s: String| Err(Error::Config(s));
         if spec.nodes == 0 || spec.nodes as usize > flotilla_transport::MAX_NODES {
             return bad(format!("{} nodes; a cluster has 1 to 64", spec.nodes));
         }
@@ -105,7 +106,7 @@ impl ClusterSpec {
             ));
         }
         flotilla_placement::by_name(&spec.policy, spec.seed, me)
-            .map_err(|e| NodeError::Config(e.to_string()))?;
+            .map_err(|e| Error::Config(e.to_string()))?;
         Ok(())
     }
 
@@ -161,6 +162,8 @@ pub struct Observe {
     pub sysfs_root: Option<PathBuf>,
     /// Health signals to report whatever `/sys` says.
     pub health_inject: Vec<(String, f64)>,
+    /// Node 0 also writes the guest's console to its stdout and stderr as it arrives.
+    pub forward_console: bool,
 }
 
 /// Where a node records its trace, and the run it describes.
@@ -172,10 +175,10 @@ pub struct TraceSetup {
 
 /// The end of a cluster run, as node 0 reports it: also after a failure, when what the
 /// guest printed and what the nodes counted matter most.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ClusterOutcome {
     /// The guest's exit code, or why the run failed.
-    pub result: Result<i32, String>,
+    pub result: Result<i32, Error>,
     pub report: Option<u64>,
     pub console: Vec<u8>,
     pub console_truncated: bool,
@@ -194,32 +197,6 @@ impl ClusterOutcome {
             .filter(|&n| self.per_node[n as usize].is_none())
             .collect()
     }
-}
-
-/// Why a node could not take part, or why the run failed.
-#[derive(Debug, thiserror::Error)]
-pub enum NodeError {
-    #[error(transparent)]
-    Kvm(#[from] KvmError),
-    #[error("guest image: {0}")]
-    Load(#[from] LoadError),
-    #[error(transparent)]
-    Boot(#[from] BootError),
-    #[error("guest memory: {0}")]
-    Memory(#[from] MemoryError),
-    #[error(transparent)]
-    Uffd(#[from] uffd::UffdError),
-    #[error(transparent)]
-    Transport(#[from] TransportError),
-    #[error("configuration: {0}")]
-    Config(String),
-    /// The guest or the cluster failed; the text names the node and vCPU.
-    #[error("{0}")]
-    Run(String),
-    /// The run failed on this node (not node 0) and node 0 was sent the failure, so it
-    /// is in the run's result too.
-    #[error("{0}")]
-    Reported(String),
 }
 
 /// The `q`-quantile of `samples` (sorted in place), or 0 if empty.

@@ -9,27 +9,23 @@
 //! sending, and the directory lock is never held together with a page lock.
 
 use super::directory::{Outgoing, PageDirectory};
-#[path = "sampler.rs"]
-mod sampler;
 use super::leader::Leader;
+use super::sampler::Armed;
 use super::uffd::{Userfault, PAGE};
-use super::vcpu;
-use super::{ClusterOutcome, NodeError, NodeId, NodeSetup, RamPlacement};
-use crate::boot::{check_args, check_machine, BootLayout};
-use crate::kvm::Hypervisor;
-use crate::loader::Image;
+use super::{ClusterSpec, NodeId, RamPlacement};
+use crate::boot::BootLayout;
+use crate::kvm::VcpuState;
 use crate::memory::{GuestMemory, GuestRead, MemoryError};
+use crate::Error;
 use flotilla_abi::IMAGE_MIN_ADDR;
 use flotilla_placement::Policy;
 use flotilla_telemetry::health::HealthReader;
-use flotilla_telemetry::http::MetricsServer;
 use flotilla_telemetry::metrics::{Direction, NodeMetrics, Snapshot};
 use flotilla_telemetry::record::Recorder;
 use flotilla_telemetry::trace::{Event, EventKind, NONE16};
 use flotilla_transport::{
     wire::MAX_SAMPLES, Access, Handler, Message, NodeStats, Samples, Transport, TransportError,
 };
-use sampler::Armed;
 use std::collections::HashMap;
 use std::sync::atomic::{
     AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
@@ -257,6 +253,81 @@ struct Control {
     failure: Option<String>,
 }
 
+/// Pausing a node alone: its vCPUs park at their next exit with their state captured.
+pub(super) struct PauseGate {
+    requested: AtomicBool,
+    parked: Mutex<Vec<Option<VcpuState>>>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    fn new(vcpus: u32) -> Self {
+        PauseGate {
+            requested: AtomicBool::new(false),
+            parked: Mutex::new(vec![None; vcpus as usize]),
+            changed: Condvar::new(),
+        }
+    }
+
+    fn parked(&self) -> MutexGuard<'_, Vec<Option<VcpuState>>> {
+        self.parked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::SeqCst)
+    }
+
+    pub fn request(&self, on: bool) {
+        let _g = self.parked();
+        self.requested.store(on, Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    /// Parks vCPU `id` with its captured `state` until the pause ends or the run stops.
+    pub fn park(&self, id: u32, state: VcpuState, stop: &AtomicBool) {
+        let mut parked = self.parked();
+        parked[id as usize] = Some(state);
+        self.changed.notify_all();
+        while self.requested() && !stop.load(Ordering::SeqCst) {
+            parked = self
+                .changed
+                .wait_timeout(parked, POLL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        parked[id as usize] = None;
+    }
+
+    /// Every vCPU's state once each one that has not `returned` is parked; waits at most
+    /// `limit` for that.
+    pub fn wait_parked(
+        &self,
+        returned: &[Option<i32>],
+        limit: Duration,
+    ) -> Option<Vec<Option<VcpuState>>> {
+        let all = |p: &[Option<VcpuState>]| {
+            p.iter()
+                .zip(returned)
+                .all(|(s, r)| s.is_some() || r.is_some())
+        };
+        let mut parked = self.parked();
+        if !all(&parked) {
+            parked = self
+                .changed
+                .wait_timeout(parked, limit)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        all(&parked).then(|| {
+            parked
+                .iter()
+                .zip(returned)
+                .map(|(s, r)| if r.is_some() { None } else { s.clone() })
+                .collect()
+        })
+    }
+}
+
 /// A page held for use: its lock, and the home to tell once done.
 pub(super) struct Held<'a> {
     _guard: MutexGuard<'a, ()>,
@@ -289,6 +360,7 @@ pub(super) struct Node {
     echo: Arc<Slot>,
     pub policy: Mutex<Box<dyn Policy>>,
     pub stop: AtomicBool,
+    pub pause: PauseGate,
     pub resident: AtomicU32,
     pub threads: Mutex<Vec<Option<libc::pthread_t>>>,
     pub counters: Counters,
@@ -297,8 +369,8 @@ pub(super) struct Node {
     recorder: Option<Recorder>,
     health: HealthReader,
     /// Pages the access sampler took away, with their contents (see `sampler`).
-    armed: Mutex<HashMap<u64, Armed>>,
-    armed_count: AtomicUsize,
+    pub(super) armed: Mutex<HashMap<u64, Armed>>,
+    pub(super) armed_count: AtomicUsize,
     epoch: Instant,
     epoch_offset_ns: u64,
     clock_floor_ns: AtomicU64,
@@ -339,7 +411,7 @@ impl Node {
         (PageState::from_bits(b), b & POPULATED != 0)
     }
 
-    fn set_state(&self, page: u64, state: PageState, populated: bool) {
+    pub(super) fn set_state(&self, page: u64, state: PageState, populated: bool) {
         let b = state as u8 | if populated { POPULATED } else { 0 };
         self.states[self.index(page)].store(b, Ordering::Release);
     }
@@ -365,21 +437,20 @@ impl Node {
 
     /// The fault trap; only a node that runs alone (and does not sample) has none, and
     /// such a node never moves, drops or protects a page.
-    pub fn uffd(&self) -> Result<&Userfault, String> {
+    pub fn uffd(&self) -> Result<&Userfault, Error> {
         self.uffd
             .as_ref()
-            .ok_or_else(|| format!("node {}: runs alone, without userfaultfd", self.me))
+            .ok_or_else(|| Error::Config("this node runs alone, without userfaultfd".into()))
     }
 
     /// Installs a page this node holds but has not mapped: the contents the access
     /// sampler took away, or zeros for a page never touched. Under its lock. Returns when
     /// the sampler armed the page, if it did (the access is a sample).
-    pub fn populate(&self, page: u64, state: PageState) -> Result<Option<u64>, String> {
+    pub fn populate(&self, page: u64, state: PageState) -> Result<Option<u64>, Error> {
         let armed = self.take_armed(page);
         let data = armed.as_ref().map_or(&ZERO_PAGE, |a| &*a.data);
         self.uffd()?
-            .install(page * PAGE, data, state == PageState::Shared)
-            .map_err(|e| format!("node {}: {e}", self.me))?;
+            .install(page * PAGE, data, state == PageState::Shared)?;
         self.set_state(page, state, true);
         Ok(armed.map(|a| a.at_ns))
     }
@@ -483,6 +554,25 @@ impl Node {
             .push(kind, d);
     }
 
+    pub fn set_transport(&self, t: Arc<dyn Transport>) -> Result<(), Error> {
+        self.transport
+            .set(t)
+            .map_err(|_| Error::Config("transport set twice".into()))
+    }
+
+    /// Sends to `to` without treating a failure as the link's loss (the end of a run).
+    pub fn send_quietly(&self, to: NodeId, msg: &Message) {
+        if let Some(t) = self.transport.get() {
+            let _ = t.send(to, msg);
+        }
+    }
+
+    pub fn close_transport(&self) {
+        if let Some(t) = self.transport.get() {
+            t.close();
+        }
+    }
+
     fn transport(&self) -> &Arc<dyn Transport> {
         // Frames can arrive before `establish` has returned on this node; they wait here
         // the few microseconds until it has.
@@ -513,7 +603,7 @@ impl Node {
 
     /// Waits until this node may use `page` for `want`, fetching it if needed. Returns
     /// with the page's lock held; [`Node::release`] ends the use.
-    pub fn acquire(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<Held<'_>, String> {
+    pub fn acquire(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<Held<'_>, Error> {
         let mut done_to = None;
         loop {
             {
@@ -531,10 +621,10 @@ impl Node {
                 if let Some(home) = done_to {
                     drop(guard);
                     self.send(home, Message::Done { page });
-                    return Err(format!(
-                        "node {}: page {page:#x} arrived as {state:?}, not usable for {want:?}",
-                        self.me
-                    ));
+                    return Err(Error::Page {
+                        page,
+                        what: format!("arrived as {state:?}, not usable for {want:?}"),
+                    });
                 }
             }
             let home = self.home(page);
@@ -575,7 +665,7 @@ impl Node {
                 std::mem::take(&mut i.woken).then_some(())
             });
             if woken.is_none() {
-                return Err(format!("node {}: the run stopped", self.me));
+                return Err(Error::Stopped);
             }
             if issue {
                 done_to = Some(home);
@@ -604,11 +694,12 @@ impl Node {
         entry.in_flight
     }
 
-    fn page_msg_check(&self, page: u64, from: NodeId, what: &str) -> Result<(), String> {
+    fn page_msg_check(&self, page: u64, from: NodeId, what: &str) -> Result<(), Error> {
         if page < self.first_page || page >= self.pages() {
-            return Err(format!(
-                "node {from} sent {what} for page {page:#x}, outside coherent guest RAM"
-            ));
+            return Err(Error::Protocol {
+                from,
+                what: format!("{what} for page {page:#x}, outside coherent guest RAM"),
+            });
         }
         Ok(())
     }
@@ -620,27 +711,24 @@ impl Node {
         want: Access,
         requester: NodeId,
         copies: u8,
-    ) -> Result<(), String> {
-        let me = self.me;
-        let uffd_err = |e| format!("node {me}: {e}");
+    ) -> Result<(), Error> {
         let mut data = Box::new([0u8; PAGE as usize]);
         {
             let _g = self.lock(page);
             let (state, populated) = self.state(page);
             if state == PageState::Invalid {
-                return Err(format!(
-                    "node {me}: asked to send page {page:#x}, which it does not hold"
-                ));
+                return Err(Error::Page {
+                    page,
+                    what: "asked to send it, but this node does not hold it".into(),
+                });
             }
             let gpa = page * PAGE;
             if populated {
                 if state == PageState::Owned {
                     // Stop local writers before copying.
-                    self.uffd()?.protect(gpa, PAGE, true).map_err(uffd_err)?;
+                    self.uffd()?.protect(gpa, PAGE, true)?;
                 }
-                self.memory
-                    .read(gpa, &mut data[..])
-                    .map_err(|e| format!("node {me}: {e}"))?;
+                self.memory.read(gpa, &mut data[..])?;
             } else {
                 // Not mapped: the sampler's copy, or a page never touched (zeros).
                 self.copy_armed(page, &mut data);
@@ -651,7 +739,7 @@ impl Node {
                 }
                 Access::Write => {
                     if populated {
-                        self.uffd()?.drop_pages(gpa, PAGE).map_err(uffd_err)?;
+                        self.uffd()?.drop_pages(gpa, PAGE)?;
                     }
                     self.take_armed(page);
                     self.set_state(page, PageState::Invalid, false);
@@ -681,20 +769,19 @@ impl Node {
         data: &[u8; PAGE as usize],
         copies: u8,
         from: NodeId,
-    ) -> Result<(), String> {
+    ) -> Result<(), Error> {
         let me = self.me;
         {
             let _g = self.lock(page);
             let (state, populated) = self.state(page);
             if state != PageState::Invalid || populated {
-                return Err(format!(
-                    "node {me}: page {page:#x} arrived while this node holds it ({state:?})"
-                ));
+                return Err(Error::Page {
+                    page,
+                    what: format!("arrived from node {from} while this node holds it ({state:?})"),
+                });
             }
             let read_only = want == Access::Read;
-            self.uffd()?
-                .install(page * PAGE, data, read_only)
-                .map_err(|e| format!("node {me}: {e}"))?;
+            self.uffd()?.install(page * PAGE, data, read_only)?;
             let state = if read_only {
                 PageState::Shared
             } else {
@@ -713,12 +800,15 @@ impl Node {
             self.counters.replicas_made.fetch_add(1, Ordering::Relaxed);
         }
         if self.wake_waiters(page).is_none() {
-            return Err(format!("node {me}: page {page:#x} arrived unrequested"));
+            return Err(Error::Protocol {
+                from,
+                what: format!("page {page:#x}, which this node did not request"),
+            });
         }
         Ok(())
     }
 
-    fn grant(&self, page: u64, copies: u8) -> Result<(), String> {
+    fn grant(&self, page: u64, copies: u8, from: NodeId) -> Result<(), Error> {
         let me = self.me;
         let want = self
             .waiting
@@ -726,20 +816,22 @@ impl Node {
             .unwrap_or_else(|p| p.into_inner())
             .get(&page)
             .and_then(|w| w.in_flight)
-            .ok_or_else(|| format!("node {me}: unrequested grant of page {page:#x}"))?;
+            .ok_or_else(|| Error::Protocol {
+                from,
+                what: format!("a grant of page {page:#x}, which this node did not request"),
+            })?;
         {
             let _g = self.lock(page);
             let (state, populated) = self.state(page);
             if state == PageState::Invalid {
-                return Err(format!(
-                    "node {me}: granted page {page:#x}, which it does not hold"
-                ));
+                return Err(Error::Page {
+                    page,
+                    what: format!("granted by node {from}, but this node does not hold it"),
+                });
             }
             if want == Access::Write {
                 if state == PageState::Shared && populated {
-                    self.uffd()?
-                        .protect(page * PAGE, PAGE, false)
-                        .map_err(|e| format!("node {me}: {e}"))?;
+                    self.uffd()?.protect(page * PAGE, PAGE, false)?;
                 }
                 self.set_state(page, PageState::Owned, populated);
                 self.set_hint(page, me);
@@ -750,15 +842,12 @@ impl Node {
         Ok(())
     }
 
-    fn invalidate(&self, page: u64, owner: NodeId, from: NodeId) -> Result<(), String> {
-        let me = self.me;
+    fn invalidate(&self, page: u64, owner: NodeId, from: NodeId) -> Result<(), Error> {
         {
             let _g = self.lock(page);
             let (_, populated) = self.state(page);
             if populated {
-                self.uffd()?
-                    .drop_pages(page * PAGE, PAGE)
-                    .map_err(|e| format!("node {me}: {e}"))?;
+                self.uffd()?.drop_pages(page * PAGE, PAGE)?;
             }
             self.set_state(page, PageState::Invalid, false);
             self.take_armed(page);
@@ -777,14 +866,15 @@ impl Node {
 
     /// Handles one message from `from` (possibly this node).
     pub fn handle(&self, from: NodeId, msg: Message) {
-        if let Err(text) = self.try_handle(from, msg) {
-            self.fail(text);
+        if let Err(e) = self.try_handle(from, msg) {
+            self.fail(e);
         }
     }
 
-    fn try_handle(&self, from: NodeId, msg: Message) -> Result<(), String> {
+    fn try_handle(&self, from: NodeId, msg: Message) -> Result<(), Error> {
         let name = msg.name();
-        let leader_only = || format!("node {from} sent {name} to node {}, not node 0", self.me);
+        let protocol = |what: String| Error::Protocol { from, what };
+        let leader_only = || protocol(format!("{name} to node {}, not node 0", self.me));
         match msg {
             Message::PageRequest {
                 page,
@@ -793,12 +883,10 @@ impl Node {
             } => {
                 self.page_msg_check(page, from, name)?;
                 if requester != from {
-                    return Err(format!(
-                        "node {from} sent a request on behalf of node {requester}"
-                    ));
+                    return Err(protocol(format!("a request on behalf of node {requester}")));
                 }
                 let out = self.directory().request(page, from, want);
-                self.route(out.map_err(|e| e.to_string())?);
+                self.route(out.map_err(|e| protocol(e.to_string()))?);
             }
             Message::Fetch {
                 page,
@@ -808,7 +896,7 @@ impl Node {
             } => {
                 self.page_msg_check(page, from, name)?;
                 if requester >= self.nodes {
-                    return Err(format!("node {from}: Fetch for unknown node {requester}"));
+                    return Err(protocol(format!("Fetch for unknown node {requester}")));
                 }
                 self.serve_fetch(page, want, requester, copies)?;
             }
@@ -819,7 +907,7 @@ impl Node {
             Message::InvalidateAck { page } => {
                 self.page_msg_check(page, from, name)?;
                 let out = self.directory().invalidate_ack(page, from);
-                self.route(out.map_err(|e| e.to_string())?);
+                self.route(out.map_err(|e| protocol(e.to_string()))?);
             }
             Message::PageData {
                 page,
@@ -832,12 +920,12 @@ impl Node {
             }
             Message::Grant { page, copies } => {
                 self.page_msg_check(page, from, name)?;
-                self.grant(page, copies)?;
+                self.grant(page, copies, from)?;
             }
             Message::Done { page } => {
                 self.page_msg_check(page, from, name)?;
                 let out = self.directory().done(page, from);
-                self.route(out.map_err(|e| e.to_string())?);
+                self.route(out.map_err(|e| protocol(e.to_string()))?);
             }
             Message::VcpuMove {
                 vcpu,
@@ -849,7 +937,7 @@ impl Node {
                 let slot = self
                     .slots
                     .get(vcpu as usize)
-                    .ok_or_else(|| format!("node {from} sent unknown vCPU {vcpu}"))?;
+                    .ok_or_else(|| protocol(format!("unknown vCPU {vcpu}")))?;
                 slot.update(|i| {
                     i.arrival = Some(Arrival {
                         from,
@@ -864,7 +952,7 @@ impl Node {
                 let slot = self
                     .slots
                     .get(vcpu as usize)
-                    .ok_or_else(|| format!("node {from}: futex result for unknown vCPU {vcpu}"))?;
+                    .ok_or_else(|| protocol(format!("a futex result for unknown vCPU {vcpu}")))?;
                 slot.update(|i| i.futex = Some(result));
             }
             Message::Echo { reply: false, data } => {
@@ -898,14 +986,24 @@ impl Node {
     }
 
     /// Ends the run with an error: node 0 records it, other nodes report it to node 0.
-    pub fn fail(&self, text: String) {
+    /// On a cluster the error is marked with this node; a node alone keeps it as it is.
+    pub fn fail(&self, error: Error) {
         // Not logged as an error: it reaches the user once, in node 0's result (or, for
         // a node that lost node 0, in its own exit). Failures after the stop are only
         // its echoes.
-        tracing::debug!(node = self.me, error = %text, stopping = self.stop.load(Ordering::SeqCst), "run fails");
+        tracing::debug!(node = self.me, %error, stopping = self.stop.load(Ordering::SeqCst), "run fails");
+        let error = match error {
+            e @ Error::Remote(_) => e,
+            e if self.nodes > 1 => Error::OnNode {
+                node: self.me,
+                source: Box::new(e),
+            },
+            e => e,
+        };
         match &self.leader {
-            Some(leader) => leader.finish(Err(text)),
+            Some(leader) => leader.finish(Err(error)),
             None => {
+                let text = error.to_string();
                 self.control(|c| {
                     c.failure.get_or_insert(text.clone());
                 });
@@ -927,19 +1025,72 @@ impl Node {
         if ending {
             return;
         }
-        self.fail(format!("node {}: lost node {peer}: {why}", self.me));
+        self.fail(Error::LinkLost { peer, source: why });
     }
 
     /// Stops every vCPU of this node: kicks them out of the guest and out of waits.
     pub fn stop_vcpus(&self) {
         self.stop.store(true, Ordering::SeqCst);
+        self.kick_vcpus();
+        for s in &self.slots {
+            s.interrupt();
+        }
+        self.pause.request(false);
+    }
+
+    /// Kicks every vCPU thread of this node out of the guest (to look at its flags).
+    pub fn kick_vcpus(&self) {
         let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
         for t in threads.iter().flatten() {
             crate::kvm::kick::kick(*t);
         }
-        drop(threads);
-        for s in &self.slots {
-            s.interrupt();
+    }
+
+    /// A node other than node 0: waits until node 0 stops it, says goodbye, or this
+    /// node's part fails; returns the failure.
+    pub fn wait_stop_or_failure(&self) -> Option<String> {
+        let mut c = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        while !c.stop_received && !c.bye && c.failure.is_none() {
+            c = self
+                .control_changed
+                .wait(c)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        c.failure.clone()
+    }
+
+    /// Waits at most `limit` for node 0's goodbye (not after a failure of this node's
+    /// own, which node 0 may never answer).
+    pub fn wait_bye(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        let mut c = self.control.lock().unwrap_or_else(|p| p.into_inner());
+        while !c.bye && Instant::now() < deadline {
+            if c.failure.is_some() && !c.stop_received {
+                break;
+            }
+            c = self
+                .control_changed
+                .wait_timeout(c, POLL)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    pub fn stop_received(&self) -> bool {
+        self.control
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .stop_received
+    }
+
+    /// Writes the rest of the trace; returns the events written, if this node traces.
+    pub fn finish_trace(&self) -> Result<Option<u64>, Error> {
+        match &self.recorder {
+            Some(r) => r
+                .finish()
+                .map(Some)
+                .map_err(|e| Error::Config(format!("trace: {e}"))),
+            None => Ok(None),
         }
     }
 
@@ -958,7 +1109,7 @@ impl Node {
     }
 
     /// Updates the metrics kept elsewhere and renders them (one scrape).
-    fn scrape(&self) -> String {
+    pub fn scrape(&self) -> String {
         let pages_resident = self
             .states
             .iter()
@@ -978,7 +1129,7 @@ impl Node {
         self.metrics.encode()
     }
 
-    fn take_samples(&self) -> Samples {
+    pub fn take_samples(&self) -> Samples {
         std::mem::take(
             &mut self
                 .samples
@@ -989,13 +1140,13 @@ impl Node {
     }
 
     /// Measures `rounds` bare 4 KiB round trips to node 0.
-    fn echo_rounds(&self, rounds: u32) -> Result<(), String> {
+    pub fn echo_rounds(&self, rounds: u32) -> Result<(), Error> {
         for i in 0..rounds {
             let t = Instant::now();
             let data = Box::new([i as u8; PAGE as usize]);
             self.send(0, Message::Echo { reply: false, data });
             if self.echo.wait_woken(&self.stop).is_none() {
-                return Err("the run stopped while measuring round trips".into());
+                return Err(Error::Stopped);
             }
             self.sample(Sample::Rtt, t.elapsed());
         }
@@ -1043,10 +1194,12 @@ impl CoherentView<'_> {
                 }
                 f(at, done..done + n)?;
             } else {
-                let held = self
-                    .node
-                    .acquire(page, want, self.slot)
-                    .map_err(|reason| MemoryError::Unavailable { page, reason })?;
+                let held = self.node.acquire(page, want, self.slot).map_err(|e| {
+                    MemoryError::Unavailable {
+                        page,
+                        reason: e.to_string(),
+                    }
+                })?;
                 let r = f(at, done..done + n);
                 self.node.release(held, page);
                 r?;
@@ -1076,321 +1229,160 @@ impl GuestRead for CoherentView<'_> {
     }
 }
 
-/// Runs this node's part of the guest. Node 0 returns the run's outcome; other nodes
-/// return `None` once node 0 has ended the run.
-pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, NodeError> {
-    let NodeSetup {
-        me,
-        spec,
-        image,
-        transport,
-        mesh,
-        timeout,
-        echo_rounds,
-        epoch_ns,
-        observe,
-    } = setup;
-    let started = Instant::now();
-    spec.check(me)?;
-    check_machine(spec.vcpus, spec.mem_bytes)?;
-    check_args(&spec.args)?;
-    let image = Image::parse(&image, spec.mem_bytes)?;
-    let layout = BootLayout::new(&image, spec.vcpus, spec.mem_bytes, spec.stack_bytes)?;
-    let hypervisor = Hypervisor::open()?;
-    // Alone (and not sampling), this node holds every page for good: no trap at all,
-    // every page owned and mapped on first touch by the kernel (huge pages allowed), the
-    // image writable.
-    let alone = spec.nodes == 1 && observe.sample_rate == 0;
-    let memory = Arc::new(GuestMemory::new(spec.mem_bytes)?);
-    if !alone {
-        memory.disable_huge_pages();
-    }
-    image.load(&memory)?;
-    layout.write(&memory, &spec.args)?;
-
-    let first_page = IMAGE_MIN_ADDR / PAGE;
-    let pages = spec.mem_bytes / PAGE;
-    let placement = Placement {
-        nodes: spec.nodes,
-        ram: spec.ram,
-        first: first_page,
-        count: pages - first_page,
-        stacks: layout.stacks_start / PAGE
-            ..(layout.stacks_start / PAGE) + spec.vcpus as u64 * (layout.stack_bytes / PAGE),
-        stack_pages: layout.stack_bytes / PAGE,
-        vcpu_nodes: spec.vcpu_nodes.clone(),
-        image: layout.image_start / PAGE..layout.image_end.div_ceil(PAGE),
-    };
-    let all_nodes = if spec.nodes == 64 {
-        u64::MAX
-    } else {
-        (1u64 << spec.nodes) - 1
-    };
-    let uffd = if alone {
-        None
-    } else {
-        Some(Userfault::register(
-            &memory,
-            IMAGE_MIN_ADDR,
-            spec.mem_bytes,
-        )?)
-    };
-    let count = (pages - first_page) as usize;
-    let resident = match &uffd {
-        Some(u) => u.resident(IMAGE_MIN_ADDR, spec.mem_bytes - IMAGE_MIN_ADDR)?,
-        None => vec![true; count],
-    };
-    let mut states = Vec::with_capacity(count);
-    let mut hints = Vec::with_capacity(count);
-    let mut run_start: Option<u64> = None;
-    for (i, &was_resident) in resident.iter().enumerate().take(count) {
-        let page = first_page + i as u64;
-        let home = placement.home(page);
-        let replicated = placement.image.contains(&page) && !alone;
-        let state = if replicated {
-            PageState::Shared
-        } else if home == me {
-            PageState::Owned
-        } else {
-            PageState::Invalid
-        };
-        let populated = was_resident && state != PageState::Invalid;
-        states.push(AtomicU8::new(
-            state as u8 | if populated { POPULATED } else { 0 },
-        ));
-        hints.push(AtomicU16::new(home));
-        // Drop runs of pages this node does not start with (never alone: it has them all).
-        if let Some(uffd) = &uffd {
-            match (state == PageState::Invalid, run_start) {
-                (true, None) => run_start = Some(page),
-                (false, Some(s)) => {
-                    uffd.drop_pages(s * PAGE, (page - s) * PAGE)?;
-                    run_start = None;
-                }
-                _ => {}
-            }
-        }
-    }
-    if let (Some(uffd), Some(s)) = (&uffd, run_start) {
-        uffd.drop_pages(s * PAGE, (pages - s) * PAGE)?;
-    }
-    // The image is a read-only replica everywhere; writes upgrade through its home.
-    if let (Some(uffd), false) = (&uffd, placement.image.is_empty()) {
-        let start = placement.image.start.max(first_page);
-        for page in start..placement.image.end {
-            if resident[(page - first_page) as usize] {
-                uffd.protect(page * PAGE, PAGE, true)?;
-            }
-        }
-    }
-    let directory = PageDirectory::new(me, spec.nodes, first_page, count as u64, |page| {
-        let home = placement.home(page);
-        (home == me).then(|| {
-            if placement.image.contains(&page) {
-                (home, all_nodes)
-            } else {
-                (home, 1u64 << home)
-            }
-        })
-    });
-
-    let vm = hypervisor.create_vm(&memory)?;
-    let mut vcpus = Vec::new();
-    for id in 0..spec.vcpus {
-        let vcpu = vm.create_vcpu(id)?;
-        vcpu.set_boot_state(&layout)?;
-        vcpus.push(vcpu);
-    }
-    let policy = flotilla_placement::by_name(&spec.policy, spec.seed, me)
-        .map_err(|e| NodeError::Config(e.to_string()))?;
-    let epoch_offset_ns = epoch_ns.map_or(0, |e| monotonic_ns().saturating_sub(e));
-    let recorder = match &observe.trace {
-        Some(t) => Some(Recorder::create(&t.path, &t.meta).map_err(|e| {
-            NodeError::Config(format!(
-                "cannot create trace file {}: {e}",
-                t.path.display()
-            ))
-        })?),
-        None => None,
-    };
-    let health = match &observe.sysfs_root {
-        Some(root) => HealthReader::with_root(root),
-        None => HealthReader::new(),
-    };
-    for (signal, value) in &observe.health_inject {
-        health.inject(signal, *value);
-    }
-    let node = Arc::new(Node {
-        me,
-        nodes: spec.nodes,
-        vcpus: spec.vcpus,
-        memory: Arc::clone(&memory),
-        uffd,
-        first_page,
-        states,
-        locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-        hints,
-        copies: (0..count).map(|_| AtomicU8::new(u8::MAX)).collect(),
-        heat: (0..4096).map(|_| AtomicU8::new(0)).collect(),
-        placement,
-        directory: Mutex::new(directory),
-        waiting: Mutex::new(HashMap::new()),
-        transport: OnceLock::new(),
-        slots: (0..spec.vcpus).map(|_| Arc::new(Slot::default())).collect(),
-        echo: Arc::new(Slot::default()),
-        policy: Mutex::new(policy),
-        stop: AtomicBool::new(false),
-        resident: AtomicU32::new(0),
-        threads: Mutex::new(vec![None; spec.vcpus as usize]),
-        counters: Counters::default(),
-        samples: Mutex::new(SampleSet::default()),
-        metrics: NodeMetrics::new(me),
-        recorder,
-        health,
-        armed: Mutex::new(HashMap::new()),
-        armed_count: AtomicUsize::new(0),
-        epoch: Instant::now(),
-        epoch_offset_ns,
-        clock_floor_ns: AtomicU64::new(0),
-        leader: (me == 0).then(|| Leader::new(spec.vcpus, spec.nodes)),
-        control: Mutex::new(Control::default()),
-        control_changed: Condvar::new(),
-    });
-    let metrics_server = match observe.metrics_addr {
-        Some(addr) => {
-            let weak = Arc::downgrade(&node);
-            let server = MetricsServer::start(
-                addr,
-                Arc::new(move || weak.upgrade().map(|n| n.scrape()).unwrap_or_default()),
-            )
-            .map_err(|e| NodeError::Config(format!("node {me}: {e}")))?;
-            tracing::info!(node = me, addr = %server.addr(), "serving metrics");
-            Some(server)
-        }
-        None => None,
-    };
-    tracing::debug!(
-        node = me,
-        setup_ms = started.elapsed().as_millis() as u64,
-        "node booted; connecting"
-    );
-    let t = flotilla_transport::establish(transport, &mesh, Arc::clone(&node) as Arc<dyn Handler>)?;
-    if node.transport.set(t).is_err() {
-        return Err(NodeError::Config("transport set twice".into()));
-    }
-    tracing::debug!(node = me, "cluster connected");
-    if me == 1 && echo_rounds > 0 {
-        node.echo_rounds(echo_rounds).map_err(NodeError::Run)?;
-    }
-    let run_started = Instant::now();
-    let mut threads = Vec::new();
-    for vcpu in vcpus {
-        let here = spec.vcpu_nodes[vcpu.id() as usize] == me;
-        let n = Arc::clone(&node);
-        let id = vcpu.id();
-        let h = std::thread::Builder::new()
-            .name(format!("n{me}vcpu{id}"))
-            .spawn(move || vcpu::vcpu_thread(n, vcpu, here))
-            .map_err(|e| NodeError::Run(format!("node {me}: cannot start vCPU thread: {e}")))?;
-        threads.push(h);
-    }
-    let futex_thread = match &node.leader {
-        Some(l) => Some(l.start_futex_thread(Arc::clone(&node))?),
-        None => None,
-    };
-    if observe.sample_rate > 0 {
-        let n = Arc::clone(&node);
-        let rate = observe.sample_rate;
-        let h = std::thread::Builder::new()
-            .name(format!("n{me}sampler"))
-            .spawn(move || sampler::sampler_thread(n, rate))
-            .map_err(|e| NodeError::Run(format!("node {me}: cannot start the sampler: {e}")))?;
-        threads.push(h);
-    }
-    let result = if let Some(leader) = &node.leader {
-        let result = leader.wait_end(timeout, run_started);
-        // Stop everyone, collect their stats, say goodbye.
-        for peer in 1..node.nodes {
-            node.send(peer, Message::Stop);
-        }
-        node.stop_vcpus();
-        join_all(threads);
-        if let Some(f) = futex_thread {
-            let _ = f.join();
-        }
-        leader.record_stats(0, node.stats(), node.take_samples());
-        leader.wait_stats(Duration::from_secs(5));
-        for peer in 1..node.nodes {
-            node.send(peer, Message::Bye);
-        }
-        if let Some(t) = node.transport.get() {
-            t.close();
-        }
-        let wall = leader.wall(run_started);
-        Ok(Some(leader.outcome(result, wall)))
-    } else {
-        let failure = {
-            let mut c = node.control.lock().unwrap_or_else(|p| p.into_inner());
-            while !c.stop_received && !c.bye && c.failure.is_none() {
-                c = node
-                    .control_changed
-                    .wait(c)
-                    .unwrap_or_else(|p| p.into_inner());
-            }
-            c.failure.clone()
-        };
-        node.stop_vcpus();
-        join_all(threads);
-        let transport = node.transport();
-        let _ = transport.send(
-            0,
-            &Message::Stats {
-                stats: node.stats(),
-                samples: node.take_samples(),
-            },
-        );
-        {
-            let deadline = Instant::now() + Duration::from_secs(5);
-            let mut c = node.control.lock().unwrap_or_else(|p| p.into_inner());
-            while !c.bye && Instant::now() < deadline {
-                if c.failure.is_some() && !c.stop_received {
-                    break;
-                }
-                c = node
-                    .control_changed
-                    .wait_timeout(c, POLL)
-                    .unwrap_or_else(|p| p.into_inner())
-                    .0;
-            }
-        }
-        transport.close();
-        match failure {
-            Some(text) if !node.control.lock().is_ok_and(|c| c.stop_received) => {
-                Err(NodeError::Reported(text))
-            }
-            _ => Ok(None),
-        }
-    };
-    if let Some(r) = &node.recorder {
-        match r.finish() {
-            Ok(n) => tracing::debug!(node = me, events = n, "trace written"),
-            Err(e) => {
-                tracing::error!(node = me, error = %e, "trace");
-                return Err(NodeError::Run(format!("node {me}: {e}")));
-            }
-        }
-    }
-    if let (Some(server), Some(linger)) = (&metrics_server, observe.metrics_linger) {
-        // The final counters stay up for a scraper whose interval is longer than the run.
-        tracing::info!(node = me, addr = %server.addr(), ?linger, "run over; metrics linger");
-        std::thread::sleep(linger);
-    }
-    drop(metrics_server);
-    result
+/// What a node is built from (the rest of its setup is in `run`).
+pub(super) struct Parts {
+    pub me: NodeId,
+    pub spec: ClusterSpec,
+    pub layout: BootLayout,
+    pub memory: Arc<GuestMemory>,
+    /// Alone and not sampling: every page owned and mapped by the kernel, no trap.
+    pub alone: bool,
+    pub policy: Box<dyn Policy>,
+    pub recorder: Option<Recorder>,
+    pub health: HealthReader,
+    /// The guest clock at this node's start.
+    pub clock_base_ns: u64,
+    pub leader: Option<Leader>,
 }
 
-fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
-    for t in threads {
-        let _ = t.join();
+impl Node {
+    /// Builds this node's page table over guest RAM (already loaded): the pages it starts
+    /// with, the home directory of the pages it is home to, and the fault trap. Pages it
+    /// does not start with are dropped from its copy.
+    pub(super) fn new(parts: Parts) -> Result<Arc<Node>, Error> {
+        let Parts {
+            me,
+            spec,
+            layout,
+            memory,
+            alone,
+            policy,
+            recorder,
+            health,
+            clock_base_ns,
+            leader,
+        } = parts;
+        let first_page = IMAGE_MIN_ADDR / PAGE;
+        let pages = spec.mem_bytes / PAGE;
+        let placement = Placement {
+            nodes: spec.nodes,
+            ram: spec.ram,
+            first: first_page,
+            count: pages - first_page,
+            stacks: layout.stacks_start / PAGE
+                ..(layout.stacks_start / PAGE) + spec.vcpus as u64 * (layout.stack_bytes / PAGE),
+            stack_pages: layout.stack_bytes / PAGE,
+            vcpu_nodes: spec.vcpu_nodes.clone(),
+            image: layout.image_start / PAGE..layout.image_end.div_ceil(PAGE),
+        };
+        let all_nodes = if spec.nodes == 64 {
+            u64::MAX
+        } else {
+            (1u64 << spec.nodes) - 1
+        };
+        let uffd = if alone {
+            None
+        } else {
+            Some(Userfault::register(
+                &memory,
+                IMAGE_MIN_ADDR,
+                spec.mem_bytes,
+            )?)
+        };
+        let count = (pages - first_page) as usize;
+        let resident = match &uffd {
+            Some(u) => u.resident(IMAGE_MIN_ADDR, spec.mem_bytes - IMAGE_MIN_ADDR)?,
+            None => vec![true; count],
+        };
+        let mut states = Vec::with_capacity(count);
+        let mut hints = Vec::with_capacity(count);
+        let mut run_start: Option<u64> = None;
+        for (i, &was_resident) in resident.iter().enumerate().take(count) {
+            let page = first_page + i as u64;
+            let home = placement.home(page);
+            let replicated = placement.image.contains(&page) && !alone;
+            let state = if replicated {
+                PageState::Shared
+            } else if home == me {
+                PageState::Owned
+            } else {
+                PageState::Invalid
+            };
+            let populated = was_resident && state != PageState::Invalid;
+            states.push(AtomicU8::new(
+                state as u8 | if populated { POPULATED } else { 0 },
+            ));
+            hints.push(AtomicU16::new(home));
+            // Drop runs of pages this node does not start with (never alone: it has them all).
+            if let Some(uffd) = &uffd {
+                match (state == PageState::Invalid, run_start) {
+                    (true, None) => run_start = Some(page),
+                    (false, Some(s)) => {
+                        uffd.drop_pages(s * PAGE, (page - s) * PAGE)?;
+                        run_start = None;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let (Some(uffd), Some(s)) = (&uffd, run_start) {
+            uffd.drop_pages(s * PAGE, (pages - s) * PAGE)?;
+        }
+        // The image is a read-only replica everywhere; writes upgrade through its home.
+        if let (Some(uffd), false) = (&uffd, placement.image.is_empty()) {
+            let start = placement.image.start.max(first_page);
+            for page in start..placement.image.end {
+                if resident[(page - first_page) as usize] {
+                    uffd.protect(page * PAGE, PAGE, true)?;
+                }
+            }
+        }
+        let directory = PageDirectory::new(me, spec.nodes, first_page, count as u64, |page| {
+            let home = placement.home(page);
+            (home == me).then(|| {
+                if placement.image.contains(&page) {
+                    (home, all_nodes)
+                } else {
+                    (home, 1u64 << home)
+                }
+            })
+        });
+        Ok(Arc::new(Node {
+            me,
+            nodes: spec.nodes,
+            vcpus: spec.vcpus,
+            memory,
+            uffd,
+            first_page,
+            states,
+            locks: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+            hints,
+            copies: (0..count).map(|_| AtomicU8::new(u8::MAX)).collect(),
+            heat: (0..4096).map(|_| AtomicU8::new(0)).collect(),
+            placement,
+            directory: Mutex::new(directory),
+            waiting: Mutex::new(HashMap::new()),
+            transport: OnceLock::new(),
+            slots: (0..spec.vcpus).map(|_| Arc::new(Slot::default())).collect(),
+            echo: Arc::new(Slot::default()),
+            policy: Mutex::new(policy),
+            stop: AtomicBool::new(false),
+            pause: PauseGate::new(spec.vcpus),
+            resident: AtomicU32::new(0),
+            threads: Mutex::new(vec![None; spec.vcpus as usize]),
+            counters: Counters::default(),
+            samples: Mutex::new(SampleSet::default()),
+            metrics: NodeMetrics::new(me),
+            recorder,
+            health,
+            armed: Mutex::new(HashMap::new()),
+            armed_count: AtomicUsize::new(0),
+            epoch: Instant::now(),
+            epoch_offset_ns: clock_base_ns,
+            clock_floor_ns: AtomicU64::new(0),
+            leader,
+            control: Mutex::new(Control::default()),
+            control_changed: Condvar::new(),
+        }))
     }
 }

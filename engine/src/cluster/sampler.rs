@@ -17,8 +17,9 @@
 //! buffers). Cost: arming one page is a write-protect (owned pages), a 4 KiB copy and
 //! an unmap; a hit is one trap plus a map (the `bench trace-overhead` numbers).
 
-use super::{monotonic_ns, Node, PageState};
+use super::node::{monotonic_ns, Node, PageState};
 use crate::cluster::uffd::PAGE;
+use crate::Error;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -37,9 +38,7 @@ pub(crate) struct Armed {
 
 impl Node {
     /// Arms `page` if this node holds and maps it.
-    fn arm(&self, page: u64) -> Result<bool, String> {
-        let me = self.me;
-        let err = |e: &dyn std::fmt::Display| format!("node {me}: access sampler: {e}");
+    fn arm(&self, page: u64) -> Result<bool, Error> {
         let _g = self.lock(page);
         let (state, populated) = self.state(page);
         if state == PageState::Invalid || !populated {
@@ -48,11 +47,11 @@ impl Node {
         let gpa = page * PAGE;
         if state == PageState::Owned {
             // Stop local writers before copying; they trap and wait for the page lock.
-            self.uffd()?.protect(gpa, PAGE, true).map_err(|e| err(&e))?;
+            self.uffd()?.protect(gpa, PAGE, true)?;
         }
         let mut data = Box::new([0u8; PAGE as usize]);
-        self.memory.read(gpa, &mut data[..]).map_err(|e| err(&e))?;
-        self.uffd()?.drop_pages(gpa, PAGE).map_err(|e| err(&e))?;
+        self.memory.read(gpa, &mut data[..])?;
+        self.uffd()?.drop_pages(gpa, PAGE)?;
         self.set_state(page, state, false);
         let at_ns = monotonic_ns();
         let old = self
@@ -67,7 +66,7 @@ impl Node {
     }
 
     /// Maps back every page armed before `before_ns` that no access claimed.
-    fn disarm_older(&self, before_ns: u64) -> Result<(), String> {
+    fn disarm_older(&self, before_ns: u64) -> Result<(), Error> {
         let pages: Vec<u64> = self
             .armed
             .lock()
@@ -94,7 +93,7 @@ pub(super) fn sampler_thread(node: Arc<Node>, rate: u32) {
     let mut cursor = first;
     // Pages owed, fractions carried from tick to tick, so low rates are kept too.
     let mut budget = 0.0f64;
-    let result = (|| -> Result<(), String> {
+    let result = (|| -> Result<(), Error> {
         while !node.stop.load(Ordering::SeqCst) {
             std::thread::sleep(TICK);
             node.disarm_older(monotonic_ns())?;

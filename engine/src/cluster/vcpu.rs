@@ -16,9 +16,10 @@ use super::decode;
 use super::node::{monotonic_ns, Arrival, CoherentView, Node, PageState, Sample, Slot};
 use super::uffd::PAGE;
 use crate::hypercall::{self, result_offset, Hypercall};
+use crate::hypercall::{le_value, HypercallError};
 use crate::kvm::{Exit, Flushed, Vcpu, VcpuState};
-use crate::machine::le_value;
 use crate::memory::GuestRead;
+use crate::Error;
 use flotilla_abi::errno;
 use flotilla_placement::{Access, Decision, FaultContext, FaultRecord, History};
 use flotilla_telemetry::metrics::Direction;
@@ -60,12 +61,12 @@ pub(super) fn vcpu_thread(node: Arc<Node>, mut vcpu: Vcpu, here: bool) {
     vcpu.unbind_from_thread();
     match result {
         Ok(Ok(())) => {}
-        Ok(Err(text)) => node.fail(text),
-        Err(_) => node.fail(format!("node {}: vCPU {id} thread panicked", node.me)),
+        Ok(Err(e)) => node.fail(e),
+        Err(_) => node.fail(Error::ThreadPanicked(id)),
     }
 }
 
-fn vcpu_loop(node: &Node, vcpu: &mut Vcpu, mut here: bool) -> Result<(), String> {
+fn vcpu_loop(node: &Node, vcpu: &mut Vcpu, mut here: bool) -> Result<(), Error> {
     let id = vcpu.id();
     let slot = Arc::clone(&node.slots[id as usize]);
     let mut ctx = Ctx {
@@ -79,6 +80,19 @@ fn vcpu_loop(node: &Node, vcpu: &mut Vcpu, mut here: bool) -> Result<(), String>
     loop {
         if node.stop.load(Ordering::SeqCst) {
             return Ok(());
+        }
+        if here && node.pause.requested() {
+            // Finish the instruction in progress, so the state is complete on its own.
+            let state = vcpu
+                .complete_pending_io()
+                .and_then(|()| vcpu.capture())
+                .map_err(|source| Error::VcpuCall {
+                    vcpu: id,
+                    call: "capturing its state for a pause",
+                    source,
+                })?;
+            node.pause.park(id, state, &node.stop);
+            continue;
         }
         if !here {
             let Some(arrival) = slot.wait_arrival(&node.stop) else {
@@ -106,19 +120,22 @@ fn vcpu_loop(node: &Node, vcpu: &mut Vcpu, mut here: bool) -> Result<(), String>
 }
 
 /// Restores a vCPU that moved here; returns the instruction it re-executes.
-fn arrive(node: &Node, vcpu: &mut Vcpu, a: Arrival) -> Result<u64, String> {
+fn arrive(node: &Node, vcpu: &mut Vcpu, a: Arrival) -> Result<u64, Error> {
     let (me, id) = (node.me, vcpu.id());
     let t = Instant::now();
-    let state = VcpuState::decode(&a.state)
-        .map_err(|e| format!("node {me}: vCPU {id} arrived with a bad state: {e}"))?;
+    let state =
+        VcpuState::decode(&a.state).map_err(|source| Error::BadState { vcpu: id, source })?;
     if state.id != id {
-        return Err(format!(
-            "node {me}: state of vCPU {} arrived for vCPU {id}",
-            state.id
-        ));
+        return Err(Error::Protocol {
+            from: a.from,
+            what: format!("the state of vCPU {} for vCPU {id}", state.id),
+        });
     }
-    vcpu.restore(&state)
-        .map_err(|e| format!("node {me}: restoring vCPU {id}: {e}"))?;
+    vcpu.restore(&state).map_err(|source| Error::VcpuCall {
+        vcpu: id,
+        call: "restoring its state",
+        source,
+    })?;
     node.sample(Sample::Restore, t.elapsed());
     let now = monotonic_ns();
     let moved = Duration::from_nanos(now.saturating_sub(a.fault_ns));
@@ -139,8 +156,8 @@ fn arrive(node: &Node, vcpu: &mut Vcpu, a: Arrival) -> Result<u64, String> {
     Ok(state.regs.rip)
 }
 
-fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result<Flow, String> {
-    let (me, id) = (node.me, vcpu.id());
+fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result<Flow, Error> {
+    let id = vcpu.id();
     node.counters.exits.fetch_add(1, Ordering::Relaxed);
     let rip = |vcpu: &Vcpu| vcpu.rip().unwrap_or(0);
     enum What {
@@ -151,13 +168,17 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
         WriteFault,
         Fetch,
         Nothing,
-        Error(String),
+        Shutdown,
+        Unhandled(String),
     }
     let exit = match vcpu.run() {
         Ok(exit) => exit,
-        Err(e) => {
-            let text = e.to_string();
-            return Err(format!("node {me}: {text} at rip {:#x}", rip(vcpu)));
+        Err(source) => {
+            return Err(Error::VcpuCall {
+                vcpu: id,
+                call: "KVM_RUN",
+                source,
+            })
         }
     };
     let what = match exit {
@@ -174,16 +195,24 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
         Exit::WriteFault => What::WriteFault,
         Exit::Interrupted => What::Nothing,
         Exit::InternalError { suberror: 1 } => What::Fetch,
-        Exit::Shutdown => What::Error("guest triple fault".into()),
-        other => What::Error(format!("unhandled exit {other:?}")),
+        Exit::Shutdown => What::Shutdown,
+        Exit::Halt => What::Unhandled("hlt".into()),
+        Exit::FailEntry { reason } => {
+            What::Unhandled(format!("VM entry failed (reason {reason:#x})"))
+        }
+        Exit::InternalError { suberror } => {
+            What::Unhandled(format!("KVM internal error (suberror {suberror})"))
+        }
+        Exit::Other(what) => What::Unhandled(what),
     };
     match what {
         What::Nothing => Ok(Flow::Continue),
-        What::Out(port, value) => hypercall(node, id, port, value, slot),
-        What::In(port) => Err(format!(
-            "node {me}: vCPU {id}: bad hypercall at rip {:#x}: in on port {port:#x}, which is not a Flotilla hypercall",
-            rip(vcpu)
-        )),
+        What::Out(port, value) => hypercall(node, vcpu, port, value, slot),
+        What::In(port) => Err(Error::BadHypercall {
+            vcpu: id,
+            rip: rip(vcpu),
+            source: HypercallError::UnknownPort { port, dir: "in" },
+        }),
         What::Fault(addr, write, len) => fault(node, vcpu, ctx, slot, addr, write, len),
         What::Whole(addr) => {
             // Newer kernels: no pending access; bring the page and re-run. A page held
@@ -234,26 +263,37 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
             if fetched {
                 Ok(Flow::Continue)
             } else {
-                Err(format!(
-                    "node {me}: vCPU {id}: KVM could not emulate the instruction at rip {r:#x}"
-                ))
+                Err(Error::Emulation {
+                    vcpu: id,
+                    rip: r,
+                    what: "KVM could not emulate the instruction".into(),
+                })
             }
         }
-        What::Error(text) => Err(format!("node {me}: vCPU {id}: {text} at rip {:#x}", rip(vcpu))),
+        What::Shutdown => Err(Error::TripleFault {
+            vcpu: id,
+            rip: rip(vcpu),
+        }),
+        What::Unhandled(exit) => Err(Error::UnhandledExit {
+            vcpu: id,
+            rip: rip(vcpu),
+            exit,
+        }),
     }
 }
 
-fn check_page(node: &Node, id: u32, addr: u64, len: usize) -> Result<u64, String> {
+fn check_page(node: &Node, id: u32, addr: u64, len: usize) -> Result<u64, Error> {
     let page = addr / PAGE;
     if page < node.first_page
         || addr + len as u64 > node.memory.size()
         || addr % PAGE + len as u64 > PAGE
     {
-        return Err(format!(
-            "node {}: vCPU {id}: access of {len} bytes at guest-physical {addr:#x}, outside guest RAM (size {:#x}) or read-only",
-            node.me,
-            node.memory.size()
-        ));
+        return Err(Error::OutsideRam {
+            vcpu: id,
+            addr,
+            len: len as u64,
+            ram: node.memory.size(),
+        });
     }
     Ok(page)
 }
@@ -267,22 +307,25 @@ fn write_fault(
     vcpu: &mut Vcpu,
     ctx: &mut Ctx,
     slot: &Arc<Slot>,
-) -> Result<Flow, String> {
-    let (me, id) = (node.me, vcpu.id());
+) -> Result<Flow, Error> {
+    let id = vcpu.id();
     let t0 = Instant::now();
     let fault_ns = monotonic_ns();
-    let regs = vcpu.regs().map_err(|e| format!("node {me}: {e}"))?;
+    let regs = vcpu.regs().map_err(|source| Error::VcpuCall {
+        vcpu: id,
+        call: "reading its registers",
+        source,
+    })?;
     let view = CoherentView { node, slot };
     let mut code = [0u8; 15];
     let n = (node.memory.size().saturating_sub(regs.rip)).min(15) as usize;
-    view.read_bytes(regs.rip, &mut code[..n]).map_err(|e| {
-        format!(
-            "node {me}: vCPU {id}: reading the instruction at {:#x}: {e}",
-            regs.rip
-        )
+    view.read_bytes(regs.rip, &mut code[..n])
+        .map_err(|source| Error::GuestMemory { vcpu: id, source })?;
+    let accesses = decode::memory_accesses(&code[..n], &regs).map_err(|what| Error::Emulation {
+        vcpu: id,
+        rip: regs.rip,
+        what: format!("decoding a faulting instruction: {what}"),
     })?;
-    let accesses = decode::memory_accesses(&code[..n], &regs)
-        .map_err(|e| format!("node {me}: vCPU {id}: write fault: {e}"))?;
     // The first page the instruction cannot use as it is: held but never touched
     // (install it here) or not held well enough (a remote fault).
     let mut target = None;
@@ -318,10 +361,11 @@ fn write_fault(
             (regs.rip, 1)
         };
         if ctx.spurious.1 > SPURIOUS_LIMIT {
-            return Err(format!(
-                "node {me}: vCPU {id}: KVM_RUN keeps failing with EFAULT at rip {:#x}, though every page the instruction uses is here",
-                regs.rip
-            ));
+            return Err(Error::Emulation {
+                vcpu: id,
+                rip: regs.rip,
+                what: "KVM_RUN keeps failing with EFAULT, though every page the instruction uses is here".into(),
+            });
         }
         return Ok(Flow::Continue);
     };
@@ -337,9 +381,11 @@ fn write_fault(
         }
         Decision::MoveVcpu => {
             let t = Instant::now();
-            let state = vcpu
-                .capture()
-                .map_err(|e| format!("node {me}: capturing vCPU {id}: {e}"))?;
+            let state = vcpu.capture().map_err(|source| Error::VcpuCall {
+                vcpu: id,
+                call: "capturing its state",
+                source,
+            })?;
             node.sample(Sample::Capture, t.elapsed());
             fault.rip = state.regs.rip;
             shipped(node, id, &fault, t0.elapsed(), t.elapsed());
@@ -498,33 +544,45 @@ fn decide(node: &Node, ctx: &mut Ctx, id: u32, f: &mut Fault, forced: bool) -> D
 }
 
 /// Completes the pending access against the page (held by the caller) and flushes it.
-fn complete(node: &Node, vcpu: &mut Vcpu, addr: u64, write: bool) -> Result<Flushed, String> {
-    let (me, id) = (node.me, vcpu.id());
-    let data = vcpu
-        .mmio_data()
-        .ok_or_else(|| format!("node {me}: vCPU {id}: no pending access to complete"))?;
+fn complete(node: &Node, vcpu: &mut Vcpu, addr: u64, write: bool) -> Result<Flushed, Error> {
+    let id = vcpu.id();
+    let data = vcpu.mmio_data().ok_or(Error::Emulation {
+        vcpu: id,
+        rip: 0,
+        what: "no pending access to complete".into(),
+    })?;
     let r = if write {
         node.memory.write(addr, data)
     } else {
         node.memory.read(addr, data)
     };
-    r.map_err(|e| format!("node {me}: {e}"))?;
-    vcpu.flush().map_err(|e| format!("node {me}: {e}"))
+    r.map_err(|source| Error::GuestMemory { vcpu: id, source })?;
+    flush(vcpu)
+}
+
+/// Finishes the instruction KVM left pending (`immediate_exit`).
+fn flush(vcpu: &mut Vcpu) -> Result<Flushed, Error> {
+    vcpu.flush().map_err(|source| Error::VcpuCall {
+        vcpu: vcpu.id(),
+        call: "finishing an access",
+        source,
+    })
 }
 
 /// What the loop in `fault` does after completing an access.
-fn after(node: &Node, id: u32, flushed: Flushed) -> Result<Option<(u64, bool, usize)>, String> {
+fn after(id: u32, flushed: Flushed) -> Result<Option<(u64, bool, usize)>, Error> {
+    let failed = |what: String| Error::Emulation {
+        vcpu: id,
+        rip: 0,
+        what,
+    };
     match flushed {
         Flushed::Done => Ok(None),
         Flushed::Mmio { addr, write, len } => Ok(Some((addr, write, len))),
-        Flushed::EmulationFailed => Err(format!(
-            "node {}: vCPU {id}: KVM could not finish an instruction whose page is present",
-            node.me
+        Flushed::EmulationFailed => Err(failed(
+            "KVM could not finish an instruction whose page is present".into(),
         )),
-        Flushed::Other(what) => Err(format!(
-            "node {}: vCPU {id}: flush ended with {what}",
-            node.me
-        )),
+        Flushed::Other(what) => Err(failed(format!("finishing an access ended with {what}"))),
     }
 }
 
@@ -537,8 +595,8 @@ fn fault(
     addr: u64,
     write: bool,
     len: usize,
-) -> Result<Flow, String> {
-    let (me, id) = (node.me, vcpu.id());
+) -> Result<Flow, Error> {
+    let id = vcpu.id();
     let t0 = Instant::now();
     let fault_ns = monotonic_ns();
     let mut next = Some((addr, write, len));
@@ -569,14 +627,20 @@ fn fault(
                     None if !populated => node.sample(Sample::Install, t0.elapsed()),
                     None => {}
                 }
-                next = after(node, id, flushed)?;
+                next = after(id, flushed)?;
                 first = false;
                 continue;
             }
             state
         };
         let forced = match ctx.arrived_rip.take() {
-            Some(rip) => vcpu.rip().map_err(|e| format!("node {me}: {e}"))? == rip,
+            Some(rip) => {
+                vcpu.rip().map_err(|source| Error::VcpuCall {
+                    vcpu: id,
+                    call: "reading its registers",
+                    source,
+                })? == rip
+            }
             None => false,
         };
         let mut fault = Fault::new(node, page, want, state, 0, 0);
@@ -593,7 +657,7 @@ fn fault(
                 let flushed = complete(node, vcpu, addr, write);
                 node.release(held, page);
                 served(node, id, &fault, t0.elapsed());
-                next = after(node, id, flushed?)?;
+                next = after(id, flushed?)?;
             }
             Decision::MoveVcpu => {
                 let guard = node.lock(page);
@@ -606,19 +670,25 @@ fn fault(
                     continue;
                 }
                 let t = Instant::now();
-                let state = vcpu
-                    .capture()
-                    .map_err(|e| format!("node {me}: capturing vCPU {id}: {e}"))?;
+                let state = vcpu.capture().map_err(|source| Error::VcpuCall {
+                    vcpu: id,
+                    call: "capturing its state",
+                    source,
+                })?;
                 node.sample(Sample::Capture, t.elapsed());
                 fault.rip = state.regs.rip;
                 shipped(node, id, &fault, t0.elapsed(), t.elapsed());
                 // Flush the stale access while the page cannot arrive here.
                 for _ in 0..8 {
-                    match vcpu.flush().map_err(|e| format!("node {me}: {e}"))? {
+                    match flush(vcpu)? {
                         Flushed::Mmio { .. } => continue,
                         Flushed::Done | Flushed::EmulationFailed => break,
                         Flushed::Other(what) => {
-                            return Err(format!("node {me}: vCPU {id}: flush ended with {what}"))
+                            return Err(Error::Emulation {
+                                vcpu: id,
+                                rip: state.regs.rip,
+                                what: format!("finishing a stale access ended with {what}"),
+                            })
                         }
                     }
                 }
@@ -633,17 +703,20 @@ fn fault(
 
 fn hypercall(
     node: &Node,
-    id: u32,
+    vcpu: &Vcpu,
     port: u16,
     value: u32,
     slot: &Arc<Slot>,
-) -> Result<Flow, String> {
-    let me = node.me;
+) -> Result<Flow, Error> {
+    let id = vcpu.id();
     let view = CoherentView { node, slot };
-    let call = hypercall::decode_out(&view, port, value)
-        .map_err(|e| format!("node {me}: vCPU {id}: bad hypercall: {e}"))?;
-    let mem_err = |e: crate::memory::MemoryError| format!("node {me}: vCPU {id}: {e}");
-    let stopped = || format!("node {me}: the run stopped");
+    let call = hypercall::decode_out(&view, port, value).map_err(|source| Error::BadHypercall {
+        vcpu: id,
+        rip: vcpu.rip().unwrap_or(0),
+        source,
+    })?;
+    let mem_err = |source| Error::GuestMemory { vcpu: id, source };
+    let stopped = || Error::Stopped;
     match call {
         Hypercall::Exit(code) => {
             node.to_leader(Message::Exit { code });
