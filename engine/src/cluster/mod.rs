@@ -12,6 +12,7 @@
 
 mod decode;
 pub mod directory;
+mod fault;
 mod leader;
 mod node;
 mod run;

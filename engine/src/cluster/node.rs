@@ -328,6 +328,18 @@ impl PauseGate {
     }
 }
 
+/// What this node can do with a page for one access, found under the page's lock.
+pub(super) enum Local<'a> {
+    /// Usable here; the lock stays held. `mapped`: it was held but not mapped and has
+    /// just been (`Some(Some(t))`: the sampler had armed it at `t`).
+    Ready {
+        guard: MutexGuard<'a, ()>,
+        mapped: Option<Option<u64>>,
+    },
+    /// Not held well enough for the access: a remote fault. How it is held.
+    Missing(PageState),
+}
+
 /// A page held for use: its lock, and the home to tell once done.
 pub(super) struct Held<'a> {
     _guard: MutexGuard<'a, ()>,
@@ -441,6 +453,22 @@ impl Node {
         self.uffd
             .as_ref()
             .ok_or_else(|| Error::Config("this node runs alone, without userfaultfd".into()))
+    }
+
+    /// Locks `page` and looks at what this node has of it for `want`; a page held but not
+    /// mapped (never touched, or armed by the sampler) is mapped on the way.
+    pub fn local(&self, page: u64, want: Access) -> Result<Local<'_>, Error> {
+        let guard = self.lock(page);
+        let (state, populated) = self.state(page);
+        if !state.allows(want) {
+            return Ok(Local::Missing(state));
+        }
+        let mapped = if populated {
+            None
+        } else {
+            Some(self.populate(page, state)?)
+        };
+        Ok(Local::Ready { guard, mapped })
     }
 
     /// Installs a page this node holds but has not mapped: the contents the access
@@ -606,25 +634,21 @@ impl Node {
     pub fn acquire(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<Held<'_>, Error> {
         let mut done_to = None;
         loop {
-            {
-                let guard = self.lock(page);
-                let (state, populated) = self.state(page);
-                if state.allows(want) {
-                    if !populated {
-                        self.populate(page, state)?;
-                    }
+            match self.local(page, want)? {
+                Local::Ready { guard, .. } => {
                     return Ok(Held {
                         _guard: guard,
                         done_to,
-                    });
+                    })
                 }
-                if let Some(home) = done_to {
-                    drop(guard);
-                    self.send(home, Message::Done { page });
-                    return Err(Error::Page {
-                        page,
-                        what: format!("arrived as {state:?}, not usable for {want:?}"),
-                    });
+                Local::Missing(state) => {
+                    if let Some(home) = done_to {
+                        self.send(home, Message::Done { page });
+                        return Err(Error::Page {
+                            page,
+                            what: format!("arrived as {state:?}, not usable for {want:?}"),
+                        });
+                    }
                 }
             }
             let home = self.home(page);
