@@ -22,14 +22,17 @@
 //! and faults again at the same instruction brings the page, and a second MMIO fragment
 //! of one instruction always brings its page. A vCPU's own stack always comes to it.
 
+use super::coherence::CoherentView;
 use super::decode;
-use super::node::{monotonic_ns, CoherentView, Local, Node, PageState, Sample, Slot};
+use super::node::{monotonic_ns, Node};
+use super::pages::{Local, PageState};
+use super::stats::Sample;
 use super::uffd::PAGE;
-use super::vcpu::{Ctx, Flow};
+use super::wait::Slot;
 use crate::kvm::{Flushed, Vcpu, VcpuState};
 use crate::memory::GuestRead;
 use crate::Error;
-use flotilla_placement::{Access, Decision, FaultContext, FaultRecord};
+use flotilla_placement::{Access, Decision, FaultContext, FaultRecord, History};
 use flotilla_telemetry::metrics::Direction;
 use flotilla_telemetry::trace::{self, flags, EventKind};
 use flotilla_transport::{Message, NodeId};
@@ -39,6 +42,23 @@ use std::time::{Duration, Instant};
 
 /// Consecutive faults at one instruction with all its pages present before giving up.
 const SPURIOUS_LIMIT: u32 = 10_000;
+
+/// How a fault exit ended.
+pub(super) enum Served {
+    /// The vCPU goes on here.
+    Continue,
+    /// The vCPU was sent to another node.
+    Moved,
+}
+
+/// What a vCPU thread remembers from fault to fault.
+pub(super) struct Ctx {
+    pub history: History,
+    /// The last fault that found nothing missing: its rip and how often in a row.
+    pub spurious: (u64, u32),
+    /// The instruction the vCPU arrived to re-execute, until its first fault here.
+    pub arrived_rip: Option<u64>,
+}
 
 /// How a fault reached the engine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +98,7 @@ pub(super) fn serve(
     ctx: &mut Ctx,
     slot: &Arc<Slot>,
     detected: Detected,
-) -> Result<Flow, Error> {
+) -> Result<Served, Error> {
     let id = vcpu.id();
     let t0 = Instant::now();
     let fault_ns = monotonic_ns();
@@ -90,7 +110,7 @@ pub(super) fn serve(
         let mut target = None;
         let mut installed = false;
         for &(page, want) in &needs {
-            match node.local(page, want)? {
+            match node.pages.local(page, want)? {
                 Local::Ready { guard, mapped } => {
                     installed |= mapped.is_some();
                     let Some((addr, write)) = how.pending() else {
@@ -113,7 +133,7 @@ pub(super) fn serve(
                             fragment += 1;
                             continue 'fault;
                         }
-                        None => return Ok(Flow::Continue),
+                        None => return Ok(Served::Continue),
                     }
                 }
                 Local::Missing(state) => {
@@ -124,7 +144,7 @@ pub(super) fn serve(
         }
         let Some((page, want, state)) = target else {
             if installed {
-                return Ok(Flow::Continue);
+                return Ok(Served::Continue);
             }
             // Another thread brought the page meanwhile: run the instruction again. A
             // fault that keeps coming back with every page present is a bug, not a race.
@@ -145,7 +165,7 @@ pub(super) fn serve(
                     ),
                 });
             }
-            return Ok(Flow::Continue);
+            return Ok(Served::Continue);
         };
         // A remote fault.
         let forced = match ctx.arrived_rip.take() {
@@ -173,14 +193,14 @@ pub(super) fn serve(
                             how = next;
                             fragment += 1;
                         }
-                        None => return Ok(Flow::Continue),
+                        None => return Ok(Served::Continue),
                     },
-                    None => return Ok(Flow::Continue),
+                    None => return Ok(Served::Continue),
                 }
             }
             Decision::MoveVcpu => {
-                let guard = node.lock(page);
-                if node.state(page).0.allows(want) {
+                let guard = node.pages.lock(page);
+                if node.pages.state(page).0.allows(want) {
                     // It arrived meanwhile (another thread brought it): the fault is
                     // served by that page move; go round and use it here.
                     drop(guard);
@@ -202,7 +222,7 @@ pub(super) fn serve(
                 }
                 drop(guard);
                 ship(node, id, page, remote.holder, fault_ns, state);
-                return Ok(Flow::Moved);
+                return Ok(Served::Moved);
             }
         }
     }
@@ -220,7 +240,7 @@ fn needs(
     how: Detected,
 ) -> Result<(Option<u64>, Needs), Error> {
     let id = vcpu.id();
-    let coherent = |page: u64| page >= node.first_page && page < node.pages();
+    let coherent = |page: u64| node.pages.coherent(page);
     Ok(match how {
         Detected::Mmio { addr, write, len } => {
             let page = check_page(node, id, addr, len)?;
@@ -233,8 +253,8 @@ fn needs(
             // else is taken as a write, which needs the most (a read would not fault).
             let page = check_page(node, id, addr, 1)?;
             let want = {
-                let _g = node.lock(page);
-                match node.state(page) {
+                let _g = node.pages.lock(page);
+                match node.pages.state(page) {
                     (state, false) if state != PageState::Invalid => Access::Read,
                     _ => Access::Write,
                 }
@@ -295,7 +315,7 @@ fn read_rip(vcpu: &Vcpu) -> Result<u64, Error> {
 
 fn check_page(node: &Node, id: u32, addr: u64, len: usize) -> Result<u64, Error> {
     let page = addr / PAGE;
-    if page < node.first_page
+    if page < node.pages.first
         || addr + len as u64 > node.memory.size()
         || addr % PAGE + len as u64 > PAGE
     {
@@ -352,7 +372,7 @@ impl Remote {
         Remote {
             page,
             want,
-            holder: node.hint(page),
+            holder: node.pages.hint(page),
             rip,
             flags: flags | replica,
         }
@@ -439,7 +459,7 @@ fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: V
 fn decide(node: &Node, ctx: &mut Ctx, id: u32, f: &mut Remote, forced: bool) -> Decision {
     let (page, holder) = (f.page, f.holder);
     let access = f.want;
-    let ruled = forced || holder == node.me || node.placement.stack_of(page) == Some(id);
+    let ruled = forced || holder == node.me || node.pages.placement.stack_of(page) == Some(id);
     if ruled {
         f.flags |= flags::FORCED;
     }
@@ -456,7 +476,7 @@ fn decide(node: &Node, ctx: &mut Ctx, id: u32, f: &mut Remote, forced: bool) -> 
             home: node.home(page),
             have_replica: f.flags & flags::HAD_REPLICA != 0,
             local_vcpus: node.resident.load(Ordering::Relaxed),
-            page_heat: node.heat(page),
+            page_heat: node.pages.heat(page),
             history: &ctx.history,
         };
         let t = Instant::now();

@@ -1,28 +1,22 @@
 //! Node 0's part of a run: it gathers what makes the outcome (console output, the
-//! reported value, returned vCPUs, EXIT, the first error from any node), keeps the
-//! cluster's one futex table, and at the end collects every node's counters.
-//!
-//! The futex table lives on one thread. FUTEX_WAIT reads the guest's futex word
-//! coherently on that thread before queueing the waiter, and wakes are handled in arrival
-//! order on the same thread, so a wake that follows the guest's store to the word can
-//! never be lost between the check and the sleep (the guest's store is ordered before its
-//! wake message, and the coherent read sees every store before it).
+//! reported value, returned vCPUs, EXIT, the first error from any node), hands futex
+//! calls to the cluster's one futex table (`futex`), and at the end collects every
+//! node's counters.
 
-use super::node::{CoherentView, Node, Slot, POLL};
+use super::POLL;
 use super::{ClusterOutcome, NodeId};
 use crate::Error;
+use flotilla_transport::{Message, NodeStats, Samples};
 use std::io::Write as _;
 
 /// Most console output kept in a run's outcome.
 pub const CONSOLE_MAX_BYTES: usize = 1 << 20;
-use crate::memory::GuestRead;
-use flotilla_abi::errno;
-use flotilla_transport::{Message, NodeStats, Samples};
-use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::mpsc;
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-enum FutexOp {
+/// What node 0's futex thread is asked to do (see `futex`).
+pub(super) enum FutexOp {
     Wait {
         from: NodeId,
         vcpu: u32,
@@ -40,13 +34,6 @@ enum FutexOp {
     Recheck,
     /// While held (a pause), waits return at once as if woken; holding wakes every waiter.
     Hold(bool),
-}
-
-struct Waiter {
-    vcpu: u32,
-    node: NodeId,
-    addr: u64,
-    deadline: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -67,7 +54,7 @@ pub(super) struct Leader {
     changed: Condvar,
     futex: Mutex<mpsc::Sender<FutexOp>>,
     /// Taken by the futex thread; ops sent before it starts wait in the channel.
-    futex_rx: Mutex<Option<mpsc::Receiver<FutexOp>>>,
+    pub(super) futex_rx: Mutex<Option<mpsc::Receiver<FutexOp>>>,
     /// Also write the guest's fd 1 to stdout and fd 2 to stderr as they arrive.
     forward_console: bool,
 }
@@ -304,123 +291,7 @@ impl Leader {
         }
     }
 
-    pub fn start_futex_thread(
-        &self,
-        node: Arc<Node>,
-    ) -> Result<std::thread::JoinHandle<()>, Error> {
-        let rx = self
-            .futex_rx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| Error::Config("the futex thread started twice".into()))?;
-        std::thread::Builder::new()
-            .name("futex".into())
-            .spawn(move || futex_loop(&node, rx))
-            .map_err(|source| Error::Thread {
-                what: "futex",
-                source,
-            })
-    }
-
-    fn returned(&self) -> u32 {
+    pub(super) fn returned(&self) -> u32 {
         self.state().returned.iter().filter(|r| r.is_some()).count() as u32
-    }
-}
-
-fn futex_loop(node: &Node, rx: mpsc::Receiver<FutexOp>) {
-    let Some(leader) = &node.leader else { return };
-    let slot = Arc::new(Slot::default());
-    let view = CoherentView { node, slot: &slot };
-    let mut waiters: Vec<Waiter> = Vec::new();
-    let mut held = false;
-    let reply = |to: NodeId, vcpu: u32, result: i32| {
-        node.send(to, Message::FutexResult { vcpu, result });
-    };
-    loop {
-        if node.stop.load(std::sync::atomic::Ordering::SeqCst) {
-            return;
-        }
-        let now = Instant::now();
-        // Expire timed waits.
-        waiters.retain(|w| match w.deadline {
-            Some(d) if d <= now => {
-                reply(w.node, w.vcpu, -errno::ETIMEDOUT);
-                false
-            }
-            _ => true,
-        });
-        let wait = waiters
-            .iter()
-            .filter_map(|w| w.deadline)
-            .min()
-            .map_or(POLL, |d| d.saturating_duration_since(now).min(POLL));
-        let op = match rx.recv_timeout(wait) {
-            Ok(op) => op,
-            Err(RecvTimeoutError::Timeout) => continue,
-            Err(RecvTimeoutError::Disconnected) => return,
-        };
-        match op {
-            FutexOp::Wait {
-                from,
-                vcpu,
-                addr,
-                expected,
-                timeout_ns,
-            } => {
-                let word = if addr % 4 == 0 {
-                    view.read_pod::<u32>(addr)
-                } else {
-                    Err(crate::memory::MemoryError::Misaligned { addr, align: 4 })
-                };
-                match word {
-                    Err(_) => reply(from, vcpu, -errno::EINVAL),
-                    Ok(w) if w != expected => reply(from, vcpu, -errno::EAGAIN),
-                    Ok(_) if held => reply(from, vcpu, 0),
-                    Ok(_) => {
-                        let deadline = (timeout_ns > 0)
-                            .then(|| Instant::now() + Duration::from_nanos(timeout_ns));
-                        waiters.push(Waiter {
-                            vcpu,
-                            node: from,
-                            addr,
-                            deadline,
-                        });
-                    }
-                }
-            }
-            FutexOp::Wake {
-                from,
-                vcpu,
-                addr,
-                count,
-            } => {
-                let mut woken = 0u32;
-                waiters.retain(|w| {
-                    if woken < count && w.addr == addr {
-                        reply(w.node, w.vcpu, 0);
-                        woken += 1;
-                        false
-                    } else {
-                        true
-                    }
-                });
-                reply(from, vcpu, woken.min(i32::MAX as u32) as i32);
-            }
-            FutexOp::Recheck => {}
-            FutexOp::Hold(on) => {
-                held = on;
-                if on {
-                    for w in waiters.drain(..) {
-                        reply(w.node, w.vcpu, 0);
-                    }
-                }
-            }
-        }
-        let forever = waiters.iter().filter(|w| w.deadline.is_none()).count() as u32;
-        if forever > 0 && forever + leader.returned() == node.vcpus {
-            let (vcpu, addr) = waiters.last().map_or((0, 0), |w| (w.vcpu, w.addr));
-            leader.finish(Err(Error::Deadlock { vcpu, addr }));
-        }
     }
 }

@@ -2,29 +2,44 @@
 //! VM and its own copy of guest RAM; page coherence makes the copies one memory
 //! (docs/protocol.md), and vCPUs move between nodes with their full state.
 //!
+//! Modules, in the order a remote fault walks through them (docs/architecture.md):
+//!
+//! - `run`: a node's run, boot to outcome (a node alone is [`crate::Machine`]).
+//! - `vcpu`: the vCPU threads: exits, hypercalls, arrivals of moved vCPUs.
+//! - `fault`: the one fault path: page or vCPU move, as the policy decides.
+//! - `pages`: this node's page table (state of each copy, the fault trap).
+//! - `coherence`: this node's side of the page protocol, and guest RAM as the engine's
+//!   threads see it.
+//! - `node`: the node, and the dispatch of its messages (out: transport or loopback).
 //! - [`directory`]: the home directory state machine, pure and property-tested.
+//! - `wait`: where threads wait (for a page, a futex result, an arrival, a pause).
+//! - `leader` and `futex`: node 0's part: the run's outcome and the futex table.
+//! - `stats`, `sampler`: counters and latency samples; sampled access tracking.
 //! - [`uffd`]: userfaultfd in SIGBUS mode, the fault trap on this host.
-//! - `node`: a node's runtime: boot, the page table of this node's copies, the
-//!   message handler, coherent host access to guest RAM.
-//! - `vcpu`: the vCPU threads: faults (page or vCPU move, as the policy decides) and
-//!   hypercalls.
-//! - `leader`: node 0's part: the run's outcome, the futex table, the end of the run.
 
+mod coherence;
 mod decode;
 pub mod directory;
 mod fault;
+mod futex;
 mod leader;
 mod node;
+mod pages;
 mod run;
 mod sampler;
+mod stats;
 pub mod uffd;
 mod vcpu;
+mod wait;
 
 use crate::Error;
 use flotilla_transport::{Kind, MeshConfig, NodeStats, Samples};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+
+/// How often waiting threads look at the stop flag.
+pub(crate) const POLL: Duration = Duration::from_millis(100);
 
 pub use flotilla_telemetry::trace::TraceMeta;
 pub use flotilla_transport::NodeId;

@@ -14,7 +14,7 @@
 
 use super::leader::Leader;
 use super::node::{Node, Parts};
-use super::{sampler, vcpu};
+use super::{futex, sampler, vcpu};
 use super::{ClusterOutcome, ClusterSpec, NodeId, NodeSetup, Observe};
 use crate::boot::{check_args, check_machine, BootLayout};
 use crate::kvm::{Hypervisor, Vcpu, VcpuState, Vm};
@@ -313,7 +313,7 @@ impl BootedNode {
             }
         }
         if let Some(l) = &node.leader {
-            running.futex_thread = Some(l.start_futex_thread(Arc::clone(&node))?);
+            running.futex_thread = Some(futex::start(l, Arc::clone(&node))?);
             if returned.iter().all(|&r| r) {
                 l.all_returned();
             }

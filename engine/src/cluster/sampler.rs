@@ -17,7 +17,8 @@
 //! buffers). Cost: arming one page is a write-protect (owned pages), a 4 KiB copy and
 //! an unmap; a hit is one trap plus a map (the `bench trace-overhead` numbers).
 
-use super::node::{monotonic_ns, Node, PageState};
+use super::node::{monotonic_ns, Node};
+use super::pages::{Armed, PageState};
 use crate::cluster::uffd::PAGE;
 use crate::Error;
 use std::sync::atomic::Ordering;
@@ -29,57 +30,35 @@ pub(super) const TICK: Duration = Duration::from_millis(10);
 /// Pages examined per page armed, at most, so a node holding few pages does not spin.
 const SCAN_PER_ARMED: u64 = 64;
 
-/// A page the sampler took away: its contents, and when (CLOCK_MONOTONIC ns: unlike
-/// the guest clock, a vCPU arriving from another node cannot move it forward).
-pub(crate) struct Armed {
-    pub data: Box<[u8; PAGE as usize]>,
-    pub at_ns: u64,
-}
-
 impl Node {
     /// Arms `page` if this node holds and maps it.
     fn arm(&self, page: u64) -> Result<bool, Error> {
-        let _g = self.lock(page);
-        let (state, populated) = self.state(page);
+        let _g = self.pages.lock(page);
+        let (state, populated) = self.pages.state(page);
         if state == PageState::Invalid || !populated {
             return Ok(false);
         }
         let gpa = page * PAGE;
         if state == PageState::Owned {
             // Stop local writers before copying; they trap and wait for the page lock.
-            self.uffd()?.protect(gpa, PAGE, true)?;
+            self.pages.uffd()?.protect(gpa, PAGE, true)?;
         }
         let mut data = Box::new([0u8; PAGE as usize]);
         self.memory.read(gpa, &mut data[..])?;
-        self.uffd()?.drop_pages(gpa, PAGE)?;
-        self.set_state(page, state, false);
+        self.pages.uffd()?.drop_pages(gpa, PAGE)?;
+        self.pages.set_state(page, state, false);
         let at_ns = monotonic_ns();
-        let old = self
-            .armed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(page, Armed { data, at_ns });
-        if old.is_none() {
-            self.armed_count.fetch_add(1, Ordering::AcqRel);
-        }
+        self.pages.put_armed(page, Armed { data, at_ns });
         Ok(true)
     }
 
     /// Maps back every page armed before `before_ns` that no access claimed.
     fn disarm_older(&self, before_ns: u64) -> Result<(), Error> {
-        let pages: Vec<u64> = self
-            .armed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|(_, a)| a.at_ns < before_ns)
-            .map(|(&p, _)| p)
-            .collect();
-        for page in pages {
-            let _g = self.lock(page);
-            let (state, populated) = self.state(page);
+        for page in self.pages.armed_before(before_ns) {
+            let _g = self.pages.lock(page);
+            let (state, populated) = self.pages.state(page);
             if state != PageState::Invalid && !populated {
-                self.populate(page, state)?;
+                self.pages.populate(page, state)?;
             }
         }
         Ok(())
@@ -89,7 +68,7 @@ impl Node {
 /// The sampler thread: arms about `rate` pages a second until the run stops, then maps
 /// every armed page back.
 pub(super) fn sampler_thread(node: Arc<Node>, rate: u32) {
-    let (first, end) = (node.first_page, node.pages());
+    let (first, end) = (node.pages.first, node.pages.end);
     let mut cursor = first;
     // Pages owed, fractions carried from tick to tick, so low rates are kept too.
     let mut budget = 0.0f64;
@@ -108,7 +87,7 @@ pub(super) fn sampler_thread(node: Arc<Node>, rate: u32) {
                 let page = cursor;
                 cursor = if cursor + 1 >= end { first } else { cursor + 1 };
                 scanned += 1;
-                if node.placement.image.contains(&page) {
+                if node.pages.placement.image.contains(&page) {
                     continue;
                 }
                 if node.arm(page)? {

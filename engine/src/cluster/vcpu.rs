@@ -8,8 +8,11 @@
 //! arrives from another node is restored in [`arrive`]. A node alone can pause: each
 //! vCPU then parks at its next exit with its state captured.
 
-use super::fault::{self, nanos, Detected};
-use super::node::{monotonic_ns, Arrival, CoherentView, Node, Sample, Slot};
+use super::coherence::CoherentView;
+use super::fault::{self, nanos, Ctx, Detected, Served};
+use super::node::{monotonic_ns, Node};
+use super::stats::Sample;
+use super::wait::{Arrival, Slot};
 use crate::hypercall::{self, result_offset, Hypercall};
 use crate::hypercall::{le_value, HypercallError};
 use crate::kvm::{Exit, Vcpu, VcpuState};
@@ -24,21 +27,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub(super) enum Flow {
+enum Flow {
     Continue,
     /// The vCPU now runs on another node.
     Moved,
     /// The vCPU returned or called EXIT: it waits for the end of the run.
     Parked,
-}
-
-/// What a vCPU thread remembers from fault to fault.
-pub(super) struct Ctx {
-    pub history: History,
-    /// The last fault that found nothing missing: its rip and how often in a row.
-    pub spurious: (u64, u32),
-    /// The instruction the vCPU arrived to re-execute, until its first fault here.
-    pub arrived_rip: Option<u64>,
 }
 
 pub(super) fn vcpu_thread(node: Arc<Node>, mut vcpu: Vcpu, here: bool) {
@@ -204,7 +198,10 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
             rip: rip(vcpu),
             source: HypercallError::UnknownPort { port, dir: "in" },
         }),
-        What::Fault(how) => fault::serve(node, vcpu, ctx, slot, how),
+        What::Fault(how) => Ok(match fault::serve(node, vcpu, ctx, slot, how)? {
+            Served::Continue => Flow::Continue,
+            Served::Moved => Flow::Moved,
+        }),
         What::Shutdown => Err(Error::TripleFault {
             vcpu: id,
             rip: rip(vcpu),

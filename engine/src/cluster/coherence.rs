@@ -1,0 +1,346 @@
+//! This node's side of page coherence (docs/protocol.md): a thread that needs a page
+//! [`Node::acquire`]s it (a request to the page's home, then a wait for the page or a
+//! grant), and the handlers for what the home and other nodes send: send a page we own
+//! ([`Node::serve_fetch`]), install one that arrived, take a grant, drop a copy on
+//! invalidation. [`CoherentView`] is guest RAM as the engine's own threads see it.
+
+use super::node::Node;
+use super::pages::{Local, PageState};
+use super::uffd::PAGE;
+use super::wait::Slot;
+use crate::memory::{GuestRead, MemoryError};
+use crate::Error;
+use flotilla_telemetry::metrics::Direction;
+use flotilla_telemetry::trace::{EventKind, NONE16};
+use flotilla_transport::{Access, Message, NodeId};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// A page held for use: its lock, and the home to tell once done.
+pub(super) struct Held<'a> {
+    _guard: MutexGuard<'a, ()>,
+    done_to: Option<NodeId>,
+}
+
+impl Node {
+    /// Waits until this node may use `page` for `want`, fetching it if needed. Returns
+    /// with the page's lock held; [`Node::release`] ends the use.
+    pub fn acquire(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<Held<'_>, Error> {
+        let mut done_to = None;
+        loop {
+            match self.pages.local(page, want)? {
+                Local::Ready { guard, .. } => {
+                    return Ok(Held {
+                        _guard: guard,
+                        done_to,
+                    })
+                }
+                Local::Missing(state) => {
+                    if let Some(home) = done_to {
+                        self.send(home, Message::Done { page });
+                        return Err(Error::Page {
+                            page,
+                            what: format!("arrived as {state:?}, not usable for {want:?}"),
+                        });
+                    }
+                }
+            }
+            let home = self.home(page);
+            let issue = {
+                let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+                let entry = w.entry(page).or_default();
+                let issue = entry.in_flight.is_none();
+                if issue {
+                    entry.in_flight = Some(want);
+                }
+                entry.slots.push(Arc::clone(slot));
+                issue
+            };
+            if issue {
+                self.send(
+                    home,
+                    Message::PageRequest {
+                        page,
+                        want,
+                        requester: self.me,
+                    },
+                );
+            }
+            let since = Instant::now();
+            let mut warned = false;
+            let woken = slot.wait(&self.stop, |i| {
+                if !warned && since.elapsed() > Duration::from_secs(2) {
+                    warned = true;
+                    tracing::warn!(
+                        node = self.me,
+                        page = format_args!("{page:#x}"),
+                        ?want,
+                        home,
+                        issued = issue,
+                        "still waiting for a page after 2 s"
+                    );
+                }
+                std::mem::take(&mut i.woken).then_some(())
+            });
+            if woken.is_none() {
+                return Err(Error::Stopped);
+            }
+            if issue {
+                done_to = Some(home);
+            }
+        }
+    }
+
+    /// Ends the use of a page from [`Node::acquire`].
+    pub fn release(&self, held: Held<'_>, page: u64) {
+        let done_to = held.done_to;
+        drop(held);
+        if let Some(home) = done_to {
+            self.send(home, Message::Done { page });
+        }
+    }
+
+    pub(super) fn wake_waiters(&self, page: u64) -> Option<Access> {
+        let entry = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&page)?;
+        for slot in &entry.slots {
+            slot.wake();
+        }
+        entry.in_flight
+    }
+
+    pub(super) fn page_msg_check(&self, page: u64, from: NodeId, what: &str) -> Result<(), Error> {
+        if page < self.pages.first || page >= self.pages.end {
+            return Err(Error::Protocol {
+                from,
+                what: format!("{what} for page {page:#x}, outside coherent guest RAM"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Home → this node (the owner): send the page to `requester`.
+    pub(super) fn serve_fetch(
+        &self,
+        page: u64,
+        want: Access,
+        requester: NodeId,
+        copies: u8,
+    ) -> Result<(), Error> {
+        let mut data = Box::new([0u8; PAGE as usize]);
+        {
+            let _g = self.pages.lock(page);
+            let (state, populated) = self.pages.state(page);
+            if state == PageState::Invalid {
+                return Err(Error::Page {
+                    page,
+                    what: "asked to send it, but this node does not hold it".into(),
+                });
+            }
+            let gpa = page * PAGE;
+            if populated {
+                if state == PageState::Owned {
+                    // Stop local writers before copying.
+                    self.pages.uffd()?.protect(gpa, PAGE, true)?;
+                }
+                self.memory.read(gpa, &mut data[..])?;
+            } else {
+                // Not mapped: the sampler's copy, or a page never touched (zeros).
+                self.pages.copy_armed(page, &mut data);
+            }
+            match want {
+                Access::Read | Access::Execute => {
+                    self.pages.set_state(page, PageState::Shared, populated)
+                }
+                Access::Write => {
+                    if populated {
+                        self.pages.uffd()?.drop_pages(gpa, PAGE)?;
+                    }
+                    self.pages.take_armed(page);
+                    self.pages.set_state(page, PageState::Invalid, false);
+                    self.pages.set_hint(page, requester);
+                    self.pages.bump_heat(page);
+                }
+            }
+        }
+        self.metrics.page_move(Direction::Out);
+        self.trace_page(EventKind::PageOut, page, requester, want, copies as u16);
+        self.send(
+            requester,
+            Message::PageData {
+                page,
+                want,
+                data,
+                copies,
+            },
+        );
+        Ok(())
+    }
+
+    pub(super) fn install(
+        &self,
+        page: u64,
+        want: Access,
+        data: &[u8; PAGE as usize],
+        copies: u8,
+        from: NodeId,
+    ) -> Result<(), Error> {
+        let me = self.me;
+        {
+            let _g = self.pages.lock(page);
+            let (state, populated) = self.pages.state(page);
+            if state != PageState::Invalid || populated {
+                return Err(Error::Page {
+                    page,
+                    what: format!("arrived from node {from} while this node holds it ({state:?})"),
+                });
+            }
+            let read_only = want == Access::Read;
+            self.pages.uffd()?.install(page * PAGE, data, read_only)?;
+            let state = if read_only {
+                PageState::Shared
+            } else {
+                PageState::Owned
+            };
+            self.pages.set_state(page, state, true);
+            if !read_only {
+                self.pages.set_hint(page, me);
+            }
+            self.pages.set_copies(page, copies);
+            self.pages.bump_heat(page);
+        }
+        self.metrics.page_move(Direction::In);
+        self.trace_page(EventKind::PageIn, page, from, want, copies as u16);
+        if want == Access::Read {
+            self.counters.replicas_made.fetch_add(1, Ordering::Relaxed);
+        }
+        if self.wake_waiters(page).is_none() {
+            return Err(Error::Protocol {
+                from,
+                what: format!("page {page:#x}, which this node did not request"),
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn grant(&self, page: u64, copies: u8, from: NodeId) -> Result<(), Error> {
+        let me = self.me;
+        let want = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&page)
+            .and_then(|w| w.in_flight)
+            .ok_or_else(|| Error::Protocol {
+                from,
+                what: format!("a grant of page {page:#x}, which this node did not request"),
+            })?;
+        {
+            let _g = self.pages.lock(page);
+            let (state, populated) = self.pages.state(page);
+            if state == PageState::Invalid {
+                return Err(Error::Page {
+                    page,
+                    what: format!("granted by node {from}, but this node does not hold it"),
+                });
+            }
+            if want == Access::Write {
+                if state == PageState::Shared && populated {
+                    self.pages.uffd()?.protect(page * PAGE, PAGE, false)?;
+                }
+                self.pages.set_state(page, PageState::Owned, populated);
+                self.pages.set_hint(page, me);
+            }
+            self.pages.set_copies(page, copies);
+        }
+        self.wake_waiters(page);
+        Ok(())
+    }
+
+    pub(super) fn invalidate(&self, page: u64, owner: NodeId, from: NodeId) -> Result<(), Error> {
+        {
+            let _g = self.pages.lock(page);
+            let (_, populated) = self.pages.state(page);
+            if populated {
+                self.pages.uffd()?.drop_pages(page * PAGE, PAGE)?;
+            }
+            self.pages.set_state(page, PageState::Invalid, false);
+            self.pages.take_armed(page);
+            self.pages.set_hint(page, owner);
+            self.pages.bump_heat(page);
+        }
+        self.metrics.invalidation();
+        self.trace_page(EventKind::Invalidate, page, owner, Access::Read, NONE16);
+        self.send(from, Message::InvalidateAck { page });
+        Ok(())
+    }
+}
+
+/// Guest RAM as a vCPU thread (or the futex thread) sees it: pages come here first.
+pub(super) struct CoherentView<'a> {
+    pub node: &'a Node,
+    pub slot: &'a Arc<Slot>,
+}
+
+impl CoherentView<'_> {
+    fn each_page(
+        &self,
+        addr: u64,
+        len: usize,
+        want: Access,
+        mut f: impl FnMut(u64, std::ops::Range<usize>) -> Result<(), MemoryError>,
+    ) -> Result<(), MemoryError> {
+        self.check(addr, len as u64)?;
+        let mut done = 0usize;
+        while done < len {
+            let at = addr + done as u64;
+            let page = at / PAGE;
+            let n = ((PAGE - at % PAGE) as usize).min(len - done);
+            if page < self.node.pages.first {
+                if want == Access::Write {
+                    return Err(MemoryError::OutOfRange {
+                        addr: at,
+                        len: n as u64,
+                        size: self.node.memory.size(),
+                    });
+                }
+                f(at, done..done + n)?;
+            } else {
+                let held = self.node.acquire(page, want, self.slot).map_err(|e| {
+                    MemoryError::Unavailable {
+                        page,
+                        reason: e.to_string(),
+                    }
+                })?;
+                let r = f(at, done..done + n);
+                self.node.release(held, page);
+                r?;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    pub fn write_bytes(&self, addr: u64, data: &[u8]) -> Result<(), MemoryError> {
+        let mem = &self.node.memory;
+        self.each_page(addr, data.len(), Access::Write, |at, r| {
+            mem.write(at, &data[r])
+        })
+    }
+}
+
+impl GuestRead for CoherentView<'_> {
+    fn ram_bytes(&self) -> u64 {
+        self.node.memory.size()
+    }
+
+    fn read_bytes(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let mem = &self.node.memory;
+        let len = buf.len();
+        self.each_page(addr, len, Access::Read, |at, r| mem.read(at, &mut buf[r]))
+    }
+}
