@@ -27,15 +27,40 @@ impl Node {
     /// Waits until this node may use `page` for `want`, fetching it if needed. Returns
     /// with the page's lock held; [`Node::release`] ends the use.
     pub fn acquire(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<Held<'_>, Error> {
+        self.fetch(page, want, slot, true)?.ok_or(Error::Page {
+            page,
+            what: "a held fetch returned without the page".into(),
+        })
+    }
+
+    /// Brings `page` here for `want` without holding it: for an instruction that runs
+    /// again once the page is here (nothing pending to complete under its lock). The
+    /// thread that installs the page tells the home it is done at once, so the vCPU
+    /// thread does not send that on its way back to the guest. (Holding it would not keep
+    /// the page either: it could leave again before the instruction re-runs, as it can
+    /// after [`Node::release`]; the instruction then faults again.)
+    pub fn bring(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<(), Error> {
+        self.fetch(page, want, slot, false).map(drop)
+    }
+
+    /// [`Node::acquire`] (`hold`) or [`Node::bring`] (not).
+    fn fetch(
+        &self,
+        page: u64,
+        want: Access,
+        slot: &Arc<Slot>,
+        hold: bool,
+    ) -> Result<Option<Held<'_>>, Error> {
         let mut done_to = None;
         loop {
             match self.pages.local(page, want)? {
-                Local::Ready { guard, .. } => {
-                    return Ok(Held {
+                Local::Ready { guard, .. } if hold => {
+                    return Ok(Some(Held {
                         _guard: guard,
                         done_to,
-                    })
+                    }))
                 }
+                Local::Ready { .. } => return Ok(None),
                 Local::Missing(state) => {
                     if let Some(home) = done_to {
                         self.send(home, Message::Done { page });
@@ -53,6 +78,7 @@ impl Node {
                 let issue = entry.in_flight.is_none();
                 if issue {
                     entry.in_flight = Some(want);
+                    entry.done_at_install = !hold;
                 }
                 entry.slots.push(Arc::clone(slot));
                 issue
@@ -86,7 +112,7 @@ impl Node {
             if woken.is_none() {
                 return Err(Error::Stopped);
             }
-            if issue {
+            if issue && hold {
                 done_to = Some(home);
             }
         }
@@ -101,6 +127,9 @@ impl Node {
         }
     }
 
+    /// Wakes the threads waiting for `page`, which is now here; tells the home the
+    /// transaction is done if the thread that asked does not hold the page. Returns the
+    /// access that was asked, `None` if nobody asked.
     pub(super) fn wake_waiters(&self, page: u64) -> Option<Access> {
         let entry = self
             .waiting
@@ -109,6 +138,9 @@ impl Node {
             .remove(&page)?;
         for slot in &entry.slots {
             slot.wake();
+        }
+        if entry.done_at_install {
+            self.send(self.home(page), Message::Done { page });
         }
         entry.in_flight
     }

@@ -181,20 +181,22 @@ pub(super) fn serve(
                 if node.tracing() && remote.rip == 0 {
                     remote.rip = vcpu.rip().unwrap_or(0);
                 }
+                let Some((addr, write)) = how.pending() else {
+                    // Nothing pending: the instruction runs again once the page is here.
+                    node.bring(page, want, slot)?;
+                    served(node, id, &remote, t0.elapsed());
+                    return Ok(Served::Continue);
+                };
+                // Complete the pending access while the page is held.
                 let held = node.acquire(page, want, slot)?;
-                let flushed = how
-                    .pending()
-                    .map(|(addr, write)| complete(node, vcpu, addr, write));
+                let flushed = complete(node, vcpu, addr, write);
                 node.release(held, page);
                 served(node, id, &remote, t0.elapsed());
-                match flushed {
-                    Some(flushed) => match after(id, flushed?)? {
-                        Some(next) => {
-                            how = next;
-                            fragment += 1;
-                        }
-                        None => return Ok(Served::Continue),
-                    },
+                match after(id, flushed?)? {
+                    Some(next) => {
+                        how = next;
+                        fragment += 1;
+                    }
                     None => return Ok(Served::Continue),
                 }
             }

@@ -516,6 +516,14 @@ impl Handler for Node {
     }
 }
 
+/// Where a node's guest clock starts.
+pub(super) enum GuestClock {
+    /// At 0 at this CLOCK_MONOTONIC time (nodes on one host share it); `None`: now.
+    Epoch(Option<u64>),
+    /// Where a snapshot left it.
+    Continue(u64),
+}
+
 /// What a node is built from (the rest of its setup is in `run`).
 pub(super) struct Parts {
     pub me: NodeId,
@@ -527,8 +535,8 @@ pub(super) struct Parts {
     pub policy: Box<dyn Policy>,
     pub recorder: Option<Recorder>,
     pub health: HealthReader,
-    /// The guest clock at this node's start.
-    pub clock_base_ns: u64,
+    /// Where the guest clock starts.
+    pub clock: GuestClock,
     pub leader: Option<Leader>,
 }
 
@@ -546,7 +554,7 @@ impl Node {
             policy,
             recorder,
             health,
-            clock_base_ns,
+            clock,
             leader,
         } = parts;
         let pages = PageTable::new(me, &spec, &layout, &memory, alone)?;
@@ -593,8 +601,13 @@ impl Node {
             metrics: NodeMetrics::new(me),
             recorder,
             health,
+            // Read together, so the guest clock is right from the first event.
             epoch: Instant::now(),
-            epoch_offset_ns: clock_base_ns,
+            epoch_offset_ns: match clock {
+                GuestClock::Epoch(Some(e)) => monotonic_ns().saturating_sub(e),
+                GuestClock::Epoch(None) => 0,
+                GuestClock::Continue(ns) => ns,
+            },
             clock_floor_ns: AtomicU64::new(0),
             leader,
             control: Mutex::new(Control::default()),

@@ -13,7 +13,7 @@
 //! [`run_node`] does all four for a node process; [`crate::Machine`] is a node alone.
 
 use super::leader::Leader;
-use super::node::{Node, Parts};
+use super::node::{GuestClock, Node, Parts};
 use super::{futex, sampler, vcpu};
 use super::{ClusterOutcome, ClusterSpec, NodeId, NodeSetup, Observe};
 use crate::boot::{check_args, check_machine, BootLayout};
@@ -64,7 +64,7 @@ fn build(
     layout: BootLayout,
     memory: Arc<GuestMemory>,
     observe: &Observe,
-    clock_base_ns: u64,
+    clock: GuestClock,
     leader: Option<Leader>,
     vcpu_states: impl Fn(&Vcpu) -> Result<(), crate::kvm::KvmError>,
 ) -> Result<(Arc<Node>, Vm, Vec<Vcpu>), Error> {
@@ -104,7 +104,7 @@ fn build(
         policy,
         recorder,
         health,
-        clock_base_ns,
+        clock,
         leader,
     })?;
     Ok((node, vm, vcpus))
@@ -134,7 +134,6 @@ impl BootedNode {
         }
         image.load(&memory)?;
         layout.write(&memory, &spec.args)?;
-        let clock_base_ns = epoch_ns.map_or(0, |e| super::monotonic_ns().saturating_sub(e));
         let leader =
             (me == 0).then(|| Leader::new(spec.vcpus, spec.nodes, observe.forward_console));
         let (node, vm, vcpus) = build(
@@ -143,7 +142,7 @@ impl BootedNode {
             layout.clone(),
             memory,
             &observe,
-            clock_base_ns,
+            GuestClock::Epoch(epoch_ns),
             leader,
             |v| v.set_boot_state(&layout),
         )?;
@@ -188,7 +187,7 @@ impl BootedNode {
             snapshot.layout.clone(),
             memory,
             &observe,
-            snapshot.clock_ns,
+            GuestClock::Continue(snapshot.clock_ns),
             Some(leader),
             |v| match &snapshot.vcpus[v.id() as usize] {
                 Some(state) => v.restore(state),
