@@ -116,6 +116,11 @@ pub struct OverheadArgs {
     /// Argument string for every workload (default: each workload's defaults).
     #[arg(long, default_value = "")]
     args: String,
+    /// Leave threads and vCPUs where the host scheduler puts them. By default thread `i`
+    /// of the native run and vCPU `i` of the guest are both pinned to the `i`-th CPU this
+    /// process may use (modulo their number), so both sides get the same placement.
+    #[arg(long)]
+    unpinned: bool,
 }
 
 pub fn bench(b: Bench) -> Result<i32> {
@@ -153,6 +158,11 @@ fn overhead(a: OverheadArgs) -> Result<i32> {
             .map(|n| Workload::from_name(n).ok_or_else(|| anyhow!("unknown workload '{n}'")))
             .collect::<Result<_>>()?
     };
+    let cpus = if a.unpinned {
+        Vec::new()
+    } else {
+        crate::cpus::allowed()?
+    };
     let mut rows = Vec::new();
     for w in workloads {
         let prepared = w
@@ -164,12 +174,13 @@ fn overhead(a: OverheadArgs) -> Result<i32> {
             mem_bytes: mem,
             args: a.args.clone(),
             console: ConsoleMode::Capture,
+            vcpu_cpus: cpus.clone(),
             ..Default::default()
         };
         let (mut native_ms, mut guest_ms) = (Vec::new(), Vec::new());
         // Alternate the two sides so drift on the host hits both alike.
         for _ in 0..a.runs {
-            let n = native::run(&prepared, a.vcpus as usize)
+            let n = native::run_pinned(&prepared, a.vcpus as usize, &cpus)
                 .map_err(|e| anyhow!("{} natively: {e}", w.name()))?;
             native_ms.push(n.wall.as_secs_f64() * 1e3);
             let machine = Machine::boot(config.clone(), flotilla_guest_images::image(w))?;
@@ -198,7 +209,7 @@ fn overhead(a: OverheadArgs) -> Result<i32> {
             "ratio": round3(ratio),
         }));
     }
-    let out = json!({ "vcpus": a.vcpus, "runs": a.runs, "workloads": rows });
+    let out = json!({ "vcpus": a.vcpus, "runs": a.runs, "cpus": cpus, "workloads": rows });
     if a.json {
         crate::say(&out.to_string());
     }

@@ -59,25 +59,8 @@ pub fn layout(allowed: &[usize], nodes: u16, per_node: u32) -> Result<Vec<Vec<us
 /// Confines this process (the calling thread, and every thread it starts from now on) to
 /// `cpus`.
 pub fn confine(cpus: &[usize]) -> Result<()> {
-    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET writes inside it for indices
-    // below CPU_SETSIZE (checked); sched_setaffinity only reads it.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for &c in cpus {
-            if c >= libc::CPU_SETSIZE as usize {
-                bail!("CPU {c} is beyond what an affinity mask can name");
-            }
-            libc::CPU_SET(c, &mut set);
-        }
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            bail!(
-                "confining this node to CPUs {}: {}",
-                list(cpus),
-                std::io::Error::last_os_error()
-            );
-        }
-    }
-    Ok(())
+    flotilla_engine::affinity::confine_thread(cpus)
+        .map_err(|e| anyhow::anyhow!("confining this node to CPUs {}: {e}", list(cpus)))
 }
 
 #[cfg(test)]

@@ -125,6 +125,7 @@ pub fn node(args: NodeArgs) -> Result<i32> {
         sysfs_root: args.sysfs_root.clone(),
         health_inject: args.inject_health.clone(),
         forward_console: false,
+        vcpu_cpus: Vec::new(),
     };
     let info = RunInfo {
         name: file

@@ -10,6 +10,7 @@
 //! into another VM, which is what lets vCPUs move between nodes. See
 //! `docs/architecture.md` for one remote fault and one vCPU move, step by step.
 
+pub mod affinity;
 pub mod boot;
 pub mod cluster;
 mod error;

@@ -39,6 +39,8 @@ pub struct MachineConfig {
     /// End the run with [`Error::Timeout`] after this long.
     pub timeout: Option<Duration>,
     pub console: ConsoleMode,
+    /// Pin vCPU `i`'s thread to CPU `vcpu_cpus[i % len]` (empty: no pinning).
+    pub vcpu_cpus: Vec<usize>,
 }
 
 impl Default for MachineConfig {
@@ -50,6 +52,7 @@ impl Default for MachineConfig {
             stack_bytes: STACK_BYTES_DEFAULT,
             timeout: None,
             console: ConsoleMode::Capture,
+            vcpu_cpus: Vec::new(),
         }
     }
 }
@@ -74,6 +77,7 @@ impl MachineConfig {
     fn observe(&self) -> Observe {
         Observe {
             forward_console: self.console == ConsoleMode::Forward,
+            vcpu_cpus: self.vcpu_cpus.clone(),
             ..Default::default()
         }
     }

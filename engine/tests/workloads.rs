@@ -108,3 +108,47 @@ fn sixty_four_vcpus_and_sixteen_gib_of_lazy_ram() {
     .unwrap();
     assert_eq!((outcome.exit_code, outcome.report), (0, Some(reference)));
 }
+
+/// The CPUs a thread of this process may run on, from /proc, by thread name.
+fn allowed_cpus_of(name: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        if status.lines().next() == Some(&format!("Name:\t{name}")) {
+            if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+                out.push(l.split_whitespace().nth(1).unwrap_or("").to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn pinned_vcpus_and_native_threads_run_where_they_are_told() {
+    if !kvm() {
+        return;
+    }
+    let (w, args) = (Workload::Kvstore, "ops=3m keys=100k");
+    let prepared = w.prepare(args).unwrap();
+    let reference = native::run_pinned(&prepared, 2, &[0]).unwrap().checksum;
+    let mut cfg = config(2, 64 << 20, args);
+    cfg.vcpu_cpus = vec![0];
+    let running = Machine::boot(cfg, flotilla_guest_images::image(w))
+        .unwrap()
+        .start()
+        .unwrap();
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen = [allowed_cpus_of("n0vcpu0"), allowed_cpus_of("n0vcpu1")].concat();
+        if seen.len() == 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let outcome = running.wait().unwrap();
+    assert_eq!(outcome.report, Some(reference));
+    assert_eq!(seen, ["0", "0"], "both vCPU threads on CPU 0");
+    // A CPU the host does not have is refused, not ignored.
+    let e = native::run_pinned(&prepared, 2, &[100_000]).unwrap_err();
+    assert!(e.to_string().contains("pin"), "{e}");
+}

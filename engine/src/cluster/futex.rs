@@ -1,4 +1,6 @@
-//! The cluster's one futex table, on node 0's futex thread.
+//! Who runs the cluster's one futex table (`leader::FutexTable`): node 0's own vCPU
+//! threads run their calls themselves; other nodes' calls arrive as messages, which a
+//! transport thread hands to node 0's futex thread.
 //!
 //! FUTEX_WAIT reads the guest's futex word coherently on that thread before queueing the
 //! waiter, and wakes are handled in arrival order on the same thread, so a wake that
@@ -14,19 +16,10 @@ use super::wait::Slot;
 use super::{NodeId, POLL};
 use crate::memory::GuestRead;
 use crate::Error;
-use flotilla_abi::errno;
 use flotilla_transport::Message;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-
-/// A vCPU asleep in FUTEX_WAIT.
-struct Waiter {
-    vcpu: u32,
-    node: NodeId,
-    addr: u64,
-    deadline: Option<Instant>,
-}
+use std::time::Instant;
 
 /// Starts node 0's futex thread.
 pub(super) fn start(
@@ -48,99 +41,58 @@ pub(super) fn start(
         })
 }
 
-fn futex_loop(node: &Node, rx: mpsc::Receiver<FutexOp>) {
+/// Applies `op` to the futex table on this thread: node 0's futex thread, or one of node
+/// 0's own vCPU threads (which may wait for the word's page; its futex calls then cost
+/// no thread switch). `slot` is the calling thread's, for reading the word.
+pub(super) fn run(node: &Node, op: FutexOp, slot: &Arc<Slot>) {
     let Some(leader) = &node.leader else { return };
-    let slot = Arc::new(Slot::default());
-    let view = CoherentView { node, slot: &slot };
-    let mut waiters: Vec<Waiter> = Vec::new();
-    let mut held = false;
+    let view = CoherentView { node, slot };
+    let word = |addr: u64| {
+        if addr.is_multiple_of(4) {
+            view.read_pod::<u32>(addr).ok()
+        } else {
+            None
+        }
+    };
     let reply = |to: NodeId, vcpu: u32, result: i32| {
         node.send(to, Message::FutexResult { vcpu, result });
     };
+    // The word is read and the waiter queued under the table's lock, so no wake falls
+    // between the two (see the module documentation).
+    let mut table = leader.futex_table();
+    let timed = table.apply(op, word, reply);
+    let deadlock = table.deadlock(node.vcpus, leader.returned());
+    drop(table);
+    if timed {
+        // The futex thread watches deadlines: make it look at this one.
+        leader.futex_op(FutexOp::Recheck);
+    }
+    if let Some((vcpu, addr)) = deadlock {
+        leader.finish(Err(Error::Deadlock { vcpu, addr }));
+    }
+}
+
+fn futex_loop(node: &Node, rx: mpsc::Receiver<FutexOp>) {
+    let Some(leader) = &node.leader else { return };
+    let slot = Arc::new(Slot::default());
     loop {
         if node.stop.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
         let now = Instant::now();
-        // Expire timed waits.
-        waiters.retain(|w| match w.deadline {
-            Some(d) if d <= now => {
-                reply(w.node, w.vcpu, -errno::ETIMEDOUT);
-                false
-            }
-            _ => true,
-        });
-        let wait = waiters
-            .iter()
-            .filter_map(|w| w.deadline)
-            .min()
-            .map_or(POLL, |d| d.saturating_duration_since(now).min(POLL));
-        let op = match rx.recv_timeout(wait) {
-            Ok(op) => op,
+        let wait = {
+            let mut table = leader.futex_table();
+            table.expire(now, |to, vcpu, result| {
+                node.send(to, Message::FutexResult { vcpu, result })
+            });
+            table
+                .next_deadline()
+                .map_or(POLL, |d| d.saturating_duration_since(now).min(POLL))
+        };
+        match rx.recv_timeout(wait) {
+            Ok(op) => run(node, op, &slot),
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
-        };
-        match op {
-            FutexOp::Wait {
-                from,
-                vcpu,
-                addr,
-                expected,
-                timeout_ns,
-            } => {
-                let word = if addr % 4 == 0 {
-                    view.read_pod::<u32>(addr)
-                } else {
-                    Err(crate::memory::MemoryError::Misaligned { addr, align: 4 })
-                };
-                match word {
-                    Err(_) => reply(from, vcpu, -errno::EINVAL),
-                    Ok(w) if w != expected => reply(from, vcpu, -errno::EAGAIN),
-                    Ok(_) if held => reply(from, vcpu, 0),
-                    Ok(_) => {
-                        let deadline = (timeout_ns > 0)
-                            .then(|| Instant::now() + Duration::from_nanos(timeout_ns));
-                        waiters.push(Waiter {
-                            vcpu,
-                            node: from,
-                            addr,
-                            deadline,
-                        });
-                    }
-                }
-            }
-            FutexOp::Wake {
-                from,
-                vcpu,
-                addr,
-                count,
-            } => {
-                let mut woken = 0u32;
-                waiters.retain(|w| {
-                    if woken < count && w.addr == addr {
-                        reply(w.node, w.vcpu, 0);
-                        woken += 1;
-                        false
-                    } else {
-                        true
-                    }
-                });
-                reply(from, vcpu, woken.min(i32::MAX as u32) as i32);
-            }
-            FutexOp::Recheck => {}
-            FutexOp::Hold(on) => {
-                held = on;
-                if on {
-                    for w in waiters.drain(..) {
-                        reply(w.node, w.vcpu, 0);
-                    }
-                }
-            }
-        }
-        let forever = waiters.iter().filter(|w| w.deadline.is_none()).count() as u32;
-        if forever > 0 && forever + leader.returned() == node.vcpus {
-            let (vcpu, addr) = waiters.last().map_or((0, 0), |w| (w.vcpu, w.addr));
-            leader.finish(Err(Error::Deadlock { vcpu, addr }));
         }
     }
 }

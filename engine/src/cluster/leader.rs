@@ -6,6 +6,7 @@
 use super::POLL;
 use super::{ClusterOutcome, NodeId};
 use crate::Error;
+use flotilla_abi::errno;
 use flotilla_transport::{Message, NodeStats, Samples};
 use std::io::Write as _;
 
@@ -15,7 +16,7 @@ use std::sync::mpsc;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// What node 0's futex thread is asked to do (see `futex`).
+/// An operation on the futex table.
 pub(super) enum FutexOp {
     Wait {
         from: NodeId,
@@ -36,6 +37,111 @@ pub(super) enum FutexOp {
     Hold(bool),
 }
 
+/// A vCPU asleep in FUTEX_WAIT.
+struct Waiter {
+    vcpu: u32,
+    node: NodeId,
+    addr: u64,
+    deadline: Option<Instant>,
+}
+
+/// The cluster's one futex table. Pure: whoever applies an op (node 0's futex thread for
+/// other nodes' vCPUs, or one of node 0's own vCPU threads; see `futex`) reads the word
+/// and sends the replies, under the table's lock.
+#[derive(Default)]
+pub(super) struct FutexTable {
+    waiters: Vec<Waiter>,
+    /// A pause: waits return at once, as if woken.
+    held: bool,
+}
+
+impl FutexTable {
+    /// Applies `op`. `word(addr)` reads the futex word coherently (`None`: it cannot be
+    /// read); `reply(node, vcpu, result)` answers a vCPU. Returns whether `op` queued a
+    /// waiter with a deadline (the futex thread must then watch it).
+    pub fn apply(
+        &mut self,
+        op: FutexOp,
+        word: impl FnOnce(u64) -> Option<u32>,
+        mut reply: impl FnMut(NodeId, u32, i32),
+    ) -> bool {
+        match op {
+            FutexOp::Wait {
+                from,
+                vcpu,
+                addr,
+                expected,
+                timeout_ns,
+            } => match word(addr) {
+                None => reply(from, vcpu, -errno::EINVAL),
+                Some(w) if w != expected => reply(from, vcpu, -errno::EAGAIN),
+                Some(_) if self.held => reply(from, vcpu, 0),
+                Some(_) => {
+                    let deadline =
+                        (timeout_ns > 0).then(|| Instant::now() + Duration::from_nanos(timeout_ns));
+                    self.waiters.push(Waiter {
+                        vcpu,
+                        node: from,
+                        addr,
+                        deadline,
+                    });
+                    return deadline.is_some();
+                }
+            },
+            FutexOp::Wake {
+                from,
+                vcpu,
+                addr,
+                count,
+            } => {
+                let mut woken = 0u32;
+                self.waiters.retain(|w| {
+                    if woken < count && w.addr == addr {
+                        reply(w.node, w.vcpu, 0);
+                        woken += 1;
+                        false
+                    } else {
+                        true
+                    }
+                });
+                reply(from, vcpu, woken.min(i32::MAX as u32) as i32);
+            }
+            FutexOp::Recheck => {}
+            FutexOp::Hold(on) => {
+                self.held = on;
+                if on {
+                    for w in self.waiters.drain(..) {
+                        reply(w.node, w.vcpu, 0);
+                    }
+                }
+            }
+        }
+        false
+    }
+
+    /// Answers the timed waits whose deadline has passed.
+    pub fn expire(&mut self, now: Instant, mut reply: impl FnMut(NodeId, u32, i32)) {
+        self.waiters.retain(|w| match w.deadline {
+            Some(d) if d <= now => {
+                reply(w.node, w.vcpu, -errno::ETIMEDOUT);
+                false
+            }
+            _ => true,
+        });
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.waiters.iter().filter_map(|w| w.deadline).min()
+    }
+
+    /// The last waiter, if every one of `vcpus` that has not returned waits forever.
+    pub fn deadlock(&self, vcpus: u32, returned: u32) -> Option<(u32, u64)> {
+        let forever = self.waiters.iter().filter(|w| w.deadline.is_none()).count() as u32;
+        (forever > 0 && forever + returned == vcpus)
+            .then(|| self.waiters.last().map_or((0, 0), |w| (w.vcpu, w.addr)))
+    }
+}
+
 #[derive(Default)]
 struct State {
     result: Option<Result<i32, Error>>,
@@ -52,6 +158,8 @@ struct State {
 pub(super) struct Leader {
     state: Mutex<State>,
     changed: Condvar,
+    futex_table: Mutex<FutexTable>,
+    /// Ops for the futex thread (from other nodes' vCPUs).
     futex: Mutex<mpsc::Sender<FutexOp>>,
     /// Taken by the futex thread; ops sent before it starts wait in the channel.
     pub(super) futex_rx: Mutex<Option<mpsc::Receiver<FutexOp>>>,
@@ -70,6 +178,7 @@ impl Leader {
                 ..Default::default()
             }),
             changed: Condvar::new(),
+            futex_table: Mutex::new(FutexTable::default()),
             futex: Mutex::new(tx),
             futex_rx: Mutex::new(Some(rx)),
             forward_console,
@@ -123,12 +232,12 @@ impl Leader {
         self.state().report
     }
 
-    /// See [`FutexOp::Hold`].
-    pub fn hold_futexes(&self, hold: bool) {
-        self.futex_op(FutexOp::Hold(hold));
+    pub fn futex_table(&self) -> MutexGuard<'_, FutexTable> {
+        self.futex_table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn futex_op(&self, op: FutexOp) {
+    /// Hands `op` to the futex thread.
+    pub fn futex_op(&self, op: FutexOp) {
         let _ = self
             .futex
             .lock()
@@ -293,5 +402,81 @@ impl Leader {
 
     pub(super) fn returned(&self) -> u32 {
         self.state().returned.iter().filter(|r| r.is_some()).count() as u32
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(from: NodeId, vcpu: u32, addr: u64, expected: u32, timeout_ns: u64) -> FutexOp {
+        FutexOp::Wait {
+            from,
+            vcpu,
+            addr,
+            expected,
+            timeout_ns,
+        }
+    }
+
+    /// Applies `op` with the word reading `word`; returns the replies.
+    fn apply(t: &mut FutexTable, op: FutexOp, word: Option<u32>) -> Vec<(NodeId, u32, i32)> {
+        let mut out = Vec::new();
+        t.apply(op, |_| word, |n, v, r| out.push((n, v, r)));
+        out
+    }
+
+    #[test]
+    fn waits_check_the_word_and_wakes_take_waiters_in_order() {
+        let mut t = FutexTable::default();
+        assert_eq!(
+            apply(&mut t, wait(1, 0, 64, 7, 0), Some(8)),
+            [(1, 0, -errno::EAGAIN)]
+        );
+        assert_eq!(
+            apply(&mut t, wait(1, 0, 64, 7, 0), None),
+            [(1, 0, -errno::EINVAL)]
+        );
+        assert!(apply(&mut t, wait(1, 0, 64, 7, 0), Some(7)).is_empty());
+        assert!(apply(&mut t, wait(0, 1, 64, 7, 0), Some(7)).is_empty());
+        assert!(apply(&mut t, wait(2, 2, 128, 7, 0), Some(7)).is_empty());
+        let wake = FutexOp::Wake {
+            from: 0,
+            vcpu: 3,
+            addr: 64,
+            count: 1,
+        };
+        // The first waiter on the word, then the waker's own count.
+        assert_eq!(apply(&mut t, wake, None), [(1, 0, 0), (0, 3, 1)]);
+        let wake_all = FutexOp::Wake {
+            from: 0,
+            vcpu: 3,
+            addr: 64,
+            count: u32::MAX,
+        };
+        assert_eq!(apply(&mut t, wake_all, None), [(0, 1, 0), (0, 3, 1)]);
+        // vCPU 2 still waits on another word: with 3 of 4 vCPUs returned, a deadlock.
+        assert_eq!(t.deadlock(4, 2), None);
+        assert_eq!(t.deadlock(4, 3), Some((2, 128)));
+    }
+
+    #[test]
+    fn timed_waits_expire_and_a_hold_wakes_everyone() {
+        let mut t = FutexTable::default();
+        let mut none = |_: NodeId, _: u32, _: i32| {};
+        assert!(t.apply(wait(1, 0, 64, 0, 1_000_000), |_| Some(0), &mut none));
+        assert!(!t.apply(wait(1, 1, 64, 0, 0), |_| Some(0), &mut none));
+        assert_eq!(t.deadlock(2, 0), None, "a timed waiter can still wake");
+        let mut out = Vec::new();
+        t.expire(Instant::now() + Duration::from_secs(1), |n, v, r| {
+            out.push((n, v, r))
+        });
+        assert_eq!(out, [(1, 0, -errno::ETIMEDOUT)]);
+        assert!(t.next_deadline().is_none());
+        assert_eq!(apply(&mut t, FutexOp::Hold(true), None), [(1, 1, 0)]);
+        // Held: a wait returns at once, as if woken.
+        assert_eq!(apply(&mut t, wait(1, 1, 64, 0, 0), Some(0)), [(1, 1, 0)]);
+        apply(&mut t, FutexOp::Hold(false), None);
+        assert!(apply(&mut t, wait(1, 1, 64, 0, 0), Some(0)).is_empty());
     }
 }

@@ -180,6 +180,8 @@ pub struct Observe {
     pub health_inject: Vec<(String, f64)>,
     /// Node 0 also writes the guest's console to its stdout and stderr as it arrives.
     pub forward_console: bool,
+    /// Pin the thread of vCPU `i` to CPU `vcpu_cpus[i % len]` (empty: no pinning).
+    pub vcpu_cpus: Vec<usize>,
 }
 
 /// Where a node records its trace, and the run it describes.

@@ -12,7 +12,7 @@
 //!
 //! [`run_node`] does all four for a node process; [`crate::Machine`] is a node alone.
 
-use super::leader::Leader;
+use super::leader::{FutexOp, Leader};
 use super::node::{GuestClock, Node, Parts};
 use super::{futex, sampler, vcpu};
 use super::{ClusterOutcome, ClusterSpec, NodeId, NodeSetup, Observe};
@@ -297,9 +297,11 @@ impl BootedNode {
             }
             let here = spec.vcpu_nodes[id as usize] == me;
             let n = Arc::clone(&node);
+            let cpu = (!observe.vcpu_cpus.is_empty())
+                .then(|| observe.vcpu_cpus[id as usize % observe.vcpu_cpus.len()]);
             match std::thread::Builder::new()
                 .name(format!("n{me}vcpu{id}"))
-                .spawn(move || vcpu::vcpu_thread(n, vcpu, here))
+                .spawn(move || vcpu::vcpu_thread(n, vcpu, here, cpu))
             {
                 Ok(h) => running.threads.push(h),
                 Err(e) => {
@@ -354,11 +356,12 @@ impl RunningNode {
         node.pause.request(true);
         // Waits in futex_wait return as if woken (the guest checks its word again) and
         // new ones return at once, until resumed.
-        leader.hold_futexes(true);
+        let slot = Arc::new(super::wait::Slot::default());
+        futex::run(node, FutexOp::Hold(true), &slot);
         loop {
             if leader.ended() {
                 node.pause.request(false);
-                leader.hold_futexes(false);
+                futex::run(node, FutexOp::Hold(false), &slot);
                 return Err(Error::EndedBeforePause);
             }
             node.kick_vcpus();
@@ -377,9 +380,8 @@ impl RunningNode {
 
     /// Lets paused vCPUs run again.
     pub fn resume(&self) {
-        if let Some(leader) = &self.node.leader {
-            leader.hold_futexes(false);
-        }
+        let slot = Arc::new(super::wait::Slot::default());
+        futex::run(&self.node, FutexOp::Hold(false), &slot);
         self.node.pause.request(false);
     }
 

@@ -10,6 +10,8 @@
 
 use super::coherence::CoherentView;
 use super::fault::{self, nanos, Ctx, Detected, Served};
+use super::futex;
+use super::leader::FutexOp;
 use super::node::{monotonic_ns, Node};
 use super::stats::Sample;
 use super::wait::{Arrival, Slot};
@@ -35,8 +37,17 @@ enum Flow {
     Parked,
 }
 
-pub(super) fn vcpu_thread(node: Arc<Node>, mut vcpu: Vcpu, here: bool) {
+pub(super) fn vcpu_thread(node: Arc<Node>, mut vcpu: Vcpu, here: bool, cpu: Option<usize>) {
     let id = vcpu.id();
+    if let Some(cpu) = cpu {
+        if let Err(source) = crate::affinity::confine_thread(&[cpu]) {
+            node.fail(Error::Thread {
+                what: "vCPU (pinning it)",
+                source,
+            });
+            return;
+        }
+    }
     vcpu.bind_to_thread();
     // SAFETY: pthread_self has no preconditions.
     node.threads.lock().unwrap_or_else(|p| p.into_inner())[id as usize] =
@@ -278,12 +289,7 @@ fn hypercall(
             let result = if flags != 0 || !hypercall::futex_word_ok(addr) {
                 -errno::EINVAL
             } else {
-                node.to_leader(Message::FutexWait {
-                    vcpu: id,
-                    addr,
-                    expected,
-                    timeout_ns,
-                });
+                futex_wait(node, slot, id, addr, expected, timeout_ns);
                 slot.wait_futex(&node.stop).ok_or_else(stopped)?
             };
             view.write_bytes(block + result_offset::FUTEX_WAIT, &result.to_le_bytes())
@@ -293,11 +299,7 @@ fn hypercall(
             let result = if !hypercall::futex_word_ok(addr) {
                 -errno::EINVAL
             } else {
-                node.to_leader(Message::FutexWake {
-                    vcpu: id,
-                    addr,
-                    count,
-                });
+                futex_wake(node, slot, id, addr, count);
                 slot.wait_futex(&node.stop).ok_or_else(stopped)?
             };
             view.write_bytes(block + result_offset::FUTEX_WAKE, &result.to_le_bytes())
@@ -307,4 +309,41 @@ fn hypercall(
         Hypercall::Report(value) => node.to_leader(Message::Report { value }),
     }
     Ok(Flow::Continue)
+}
+
+/// FUTEX_WAIT: on node 0 applied here, elsewhere sent to node 0. The result comes to the
+/// vCPU's slot either way.
+fn futex_wait(node: &Node, slot: &Arc<Slot>, vcpu: u32, addr: u64, expected: u32, timeout_ns: u64) {
+    if node.leader.is_none() {
+        node.to_leader(Message::FutexWait {
+            vcpu,
+            addr,
+            expected,
+            timeout_ns,
+        });
+        return;
+    }
+    let op = FutexOp::Wait {
+        from: node.me,
+        vcpu,
+        addr,
+        expected,
+        timeout_ns,
+    };
+    futex::run(node, op, slot);
+}
+
+/// FUTEX_WAKE, the same way.
+fn futex_wake(node: &Node, slot: &Arc<Slot>, vcpu: u32, addr: u64, count: u32) {
+    if node.leader.is_none() {
+        node.to_leader(Message::FutexWake { vcpu, addr, count });
+        return;
+    }
+    let op = FutexOp::Wake {
+        from: node.me,
+        vcpu,
+        addr,
+        count,
+    };
+    futex::run(node, op, slot);
 }
