@@ -58,6 +58,10 @@ pub struct ClusterFile {
     /// a host: see `cpus`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpus_per_node: Option<u32>,
+    /// Bytes of each vCPU's stack, its 4 KiB guard page included (a number or a size
+    /// string; default 256 KiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stack: Option<Value>,
 }
 
 fn default_transport() -> String {
@@ -120,6 +124,17 @@ fn mem_bytes(file: &ClusterFile, vcpus: u32) -> Result<u64> {
             }
             None => Ok(MIN_DEFAULT_MEM_BYTES),
         },
+    }
+}
+
+fn stack_bytes(file: &ClusterFile) -> Result<u64> {
+    match &file.stack {
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .ok_or_else(|| anyhow!("stack: {n} is not a byte count")),
+        Some(Value::String(s)) => parse_size(s).map_err(|e| anyhow!("stack: {e}")),
+        Some(other) => bail!("stack: {other} is neither a number nor a size string"),
+        None => Ok(flotilla_abi::STACK_BYTES_DEFAULT),
     }
 }
 
@@ -221,7 +236,7 @@ pub fn setup(file: &ClusterFile, id: Option<u16>, secret: SecretSource) -> Resul
         vcpus: file.vcpus,
         mem_bytes: mem_bytes(file, file.vcpus)?,
         args: file.args.clone(),
-        stack_bytes: flotilla_abi::STACK_BYTES_DEFAULT,
+        stack_bytes: stack_bytes(file)?,
         policy: file.policy.clone(),
         seed: file.seed,
         vcpu_nodes,

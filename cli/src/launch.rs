@@ -32,6 +32,8 @@ pub struct Launch {
     pub seed: u64,
     pub vcpus: u32,
     pub mem: u64,
+    /// Bytes of each vCPU's stack, guard page included.
+    pub stack_bytes: u64,
     pub args: String,
     pub workload: Option<String>,
     pub image: Option<PathBuf>,
@@ -58,6 +60,7 @@ impl Launch {
             seed: 1,
             vcpus,
             mem,
+            stack_bytes: flotilla_abi::STACK_BYTES_DEFAULT,
             args: args.to_string(),
             workload: Some(name.to_string()),
             image: None,
@@ -206,6 +209,7 @@ fn launch_caught(l: &Launch) -> Result<Reported> {
         epoch_ns: Some(monotonic_ns()),
         echo_rounds: l.echo_rounds,
         cpus_per_node: l.cpus_per_node,
+        stack: Some(Value::from(l.stack_bytes)),
     };
     // Validate here first, so a bad option fails once, clearly, before any process.
     config::setup(&file, Some(0), SecretSource::Given(secret.as_bytes()))?;

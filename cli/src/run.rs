@@ -9,8 +9,8 @@ use crate::report::{self, Reported, RunInfo};
 use crate::sizing::{default_guest_mem, guest_mem_needed, parse_size, MIN_DEFAULT_MEM_BYTES};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use flotilla_engine::{ConsoleMode, Machine, MachineConfig};
-use flotilla_transport::NodeStats;
+use flotilla_engine::cluster::{BootedNode, Observe, RunningNode};
+use flotilla_engine::{ConsoleMode, MachineConfig};
 use flotilla_workloads::{native, Workload};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -36,6 +36,10 @@ pub struct RunArgs {
     /// Guest RAM, e.g. 512M, 4G (default: what the workload needs, at least 256M).
     #[arg(long, value_parser = parse_size)]
     pub mem: Option<u64>,
+    /// Each vCPU's stack, e.g. 1M (default 256K). Its lowest 4 KiB is a guard page: a
+    /// guest that overflows its stack ends with an error naming the vCPU.
+    #[arg(long, value_parser = parse_size)]
+    pub stack_size: Option<u64>,
     /// Argument string passed to the guest, e.g. "n=1m seed=7" or "-p4 -n1048576".
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub args: String,
@@ -125,11 +129,20 @@ fn plan(args: &RunArgs, nodes: u16) -> Result<Plan> {
     } else {
         ConsoleMode::Forward
     };
+    if let Some(s) = args.stack_size {
+        if s < 8192 || !s.is_multiple_of(4096) || s > 64 << 20 {
+            bail!(
+                "--stack-size: {}",
+                flotilla_engine::boot::BootError::StackSize(s)
+            );
+        }
+    }
     let mut config = MachineConfig {
         vcpus,
         args: args.args.clone(),
         timeout,
         console,
+        stack_bytes: args.stack_size.unwrap_or(flotilla_abi::STACK_BYTES_DEFAULT),
         ..Default::default()
     };
     let (name, workload, image) = if let Some(path) = &args.image {
@@ -292,28 +305,20 @@ fn demo(mut args: RunArgs) -> Result<i32> {
     Ok(report::exit_status(&plan.info, &reported, reference))
 }
 
-/// The guest on one in-process engine.
+/// The guest on a node alone in this process (what `Machine` runs), keeping the console
+/// and the counters of a run that fails.
 fn run_here(plan: &Plan) -> Reported {
-    let run = Machine::boot(plan.config.clone(), &plan.image).and_then(Machine::run);
+    let c = &plan.config;
+    let observe = Observe {
+        forward_console: c.console == ConsoleMode::Forward,
+        ..Default::default()
+    };
+    let run = BootedNode::boot(0, c.spec(), &plan.image, observe, None)
+        .and_then(|node| node.start(c.timeout))
+        .and_then(RunningNode::wait);
     match run {
-        Ok(outcome) => {
-            let stats = NodeStats {
-                exits: outcome.exits,
-                ..Default::default()
-            };
-            Reported {
-                result: Ok(outcome.exit_code),
-                report: outcome.report,
-                console: String::from_utf8_lossy(&outcome.console).into_owned(),
-                console_truncated: outcome.console_truncated,
-                wall_ms: outcome.wall.as_secs_f64() * 1e3,
-                totals: stats,
-                per_node: vec![Some(stats)],
-                samples: Default::default(),
-                trace_events: None,
-                cpu_sets: None,
-            }
-        }
+        Ok(Some(outcome)) => Reported::from_outcome(outcome),
+        Ok(None) => Reported::failed(1, "a node alone is node 0".into()),
         Err(e) => Reported::failed(1, e.to_string()),
     }
 }
@@ -326,6 +331,7 @@ fn launch_of(args: &RunArgs, plan: &Plan) -> Launch {
         seed: args.seed,
         vcpus: plan.config.vcpus,
         mem: plan.config.mem_bytes,
+        stack_bytes: plan.config.stack_bytes,
         args: args.args.clone(),
         workload: plan.info.workload.map(|w| w.name().to_string()),
         image: args.image.clone(),

@@ -100,6 +100,10 @@ fn bad_command_lines_get_clear_errors() {
             &["run", "--image", "/dev/null"],
             "too short for an ELF header",
         ),
+        (
+            &["run", "--workload", "stream", "--stack-size", "1000"],
+            "the lowest 4 KiB is a guard page",
+        ),
     ];
     for (args, expected) in cases {
         let out = flotilla(args);
@@ -175,5 +179,56 @@ fn external_c_guest_runs() {
     ]);
     assert_eq!(json(&out)["exit_code"], 3);
     assert!(!out.status.success());
+    let _ = std::fs::remove_file(elf);
+}
+
+#[test]
+fn a_stack_overflow_is_named_and_a_bigger_stack_fixes_it() {
+    if !kvm() {
+        return;
+    }
+    // vCPU 0 needs about 300 KiB of stack; the default is 256 KiB with a guard page at
+    // the bottom. Before guard pages it wrote over the image below its stack, silently.
+    let elf = build_c("deep");
+    let image = elf.to_str().unwrap();
+    for nodes in ["1", "2"] {
+        let out = flotilla(&[
+            "run", "--image", image, "--vcpus", "2", "--nodes", nodes, "--json",
+        ]);
+        let v = json(&out);
+        assert_eq!(out.status.code(), Some(2), "{v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("vCPU 0 ran into the guard page below its stack")
+                && error.contains("--stack-size"),
+            "{nodes} node(s): {v}"
+        );
+        let out = flotilla(&[
+            "run",
+            "--image",
+            image,
+            "--vcpus",
+            "2",
+            "--nodes",
+            nodes,
+            "--stack-size",
+            "1M",
+            "--json",
+        ]);
+        let v = json(&out);
+        assert_eq!(v["exit_code"], 0, "{nodes} node(s): {v}");
+        assert_eq!(v["checksum"], "0x0000000000000930", "{v}");
+    }
+    // In process (no --nodes) too, with the console and counters of the failed run kept.
+    let out = flotilla(&["run", "--image", image, "--vcpus", "2", "--json"]);
+    let v = json(&out);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("guard page"),
+        "{v}"
+    );
+    assert_eq!(v["missing_counters"], serde_json::json!([]), "{v}");
     let _ = std::fs::remove_file(elf);
 }

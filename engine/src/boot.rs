@@ -3,6 +3,10 @@
 //! page with the argument string, the return trampoline, and identity-mapping page
 //! tables (2 MiB pages over all of RAM). Above the image come the vCPU stacks, and the
 //! rest of RAM is the guest's free range. `flotilla-abi` holds the addresses.
+//!
+//! The lowest page of each stack is a guard page, not mapped in the guest's page tables
+//! (the 2 MiB pages around guard pages are split into 4 KiB ones): a vCPU that overflows
+//! its stack faults there instead of writing over the next stack down or the image.
 
 use crate::loader::Image;
 use crate::memory::{GuestMemory, MemoryError};
@@ -45,7 +49,7 @@ pub enum BootError {
          must have 32-bit addresses; link the image lower or use fewer or smaller stacks"
     )]
     StacksAbove4GiB(u64),
-    #[error("stack size {0} must be a non-zero multiple of 4096 bytes, at most 64 MiB")]
+    #[error("stack size {0} must be a multiple of 4096 bytes from 8 KiB (the lowest 4 KiB is a guard page) to 64 MiB")]
     StackSize(u64),
     #[error("argument string is {0} bytes; the most is {ARGS_MAX_BYTES}")]
     ArgsTooLong(usize),
@@ -77,7 +81,10 @@ impl BootLayout {
         stack_bytes: u64,
     ) -> Result<Self, BootError> {
         check_machine(vcpus, ram_bytes)?;
-        if stack_bytes == 0 || !stack_bytes.is_multiple_of(PAGE_SIZE) || stack_bytes > 64 << 20 {
+        if stack_bytes < 2 * PAGE_SIZE
+            || !stack_bytes.is_multiple_of(PAGE_SIZE)
+            || stack_bytes > 64 << 20
+        {
             return Err(BootError::StackSize(stack_bytes));
         }
         let stacks_start = image.end().next_multiple_of(PAGE_SIZE);
@@ -112,6 +119,20 @@ impl BootLayout {
         self.stacks_start + (vcpu as u64 + 1) * self.stack_bytes - 8
     }
 
+    /// The guard page at the bottom of each vCPU's stack, by vCPU.
+    pub fn guard_pages(&self) -> Vec<u64> {
+        (0..self.vcpus as u64)
+            .map(|v| self.stacks_start + v * self.stack_bytes)
+            .collect()
+    }
+
+    /// The vCPU whose stack's guard page holds `addr`, if any.
+    pub fn guard_of(&self, addr: u64) -> Option<u32> {
+        let off = addr.checked_sub(self.stacks_start)?;
+        let vcpu = off / self.stack_bytes;
+        (vcpu < self.vcpus as u64 && off % self.stack_bytes < PAGE_SIZE).then_some(vcpu as u32)
+    }
+
     /// The boot info the guest reads at `BOOT_INFO_ADDR`.
     pub fn boot_info(&self, args_len: usize) -> BootInfo {
         BootInfo {
@@ -141,7 +162,7 @@ impl BootLayout {
         memory.write(ARGS_ADDR, args.as_bytes())?;
         memory.write(ARGS_ADDR + args.len() as u64, &[0])?;
         memory.write(RETURN_TRAMPOLINE_ADDR, &RETURN_TRAMPOLINE_CODE)?;
-        write_page_tables(memory, self.ram_bytes)?;
+        write_page_tables(memory, self.ram_bytes, &self.guard_pages())?;
         for vcpu in 0..self.vcpus {
             memory.write_obj(self.stack_pointer(vcpu), &RETURN_TRAMPOLINE_ADDR)?;
         }
@@ -171,8 +192,14 @@ pub fn check_args(args: &str) -> Result<(), BootError> {
     Ok(())
 }
 
-/// Identity map of `[0, ram_bytes)` with 2 MiB pages: PML4 → one PDPT → one PD per GiB.
-fn write_page_tables(memory: &GuestMemory, ram_bytes: u64) -> Result<(), MemoryError> {
+/// Identity map of `[0, ram_bytes)` with 2 MiB pages: PML4 → one PDPT → one PD per GiB,
+/// except that the 2 MiB pages holding a guard page get a table of 4 KiB pages (after the
+/// PDs of the largest RAM), in which the guard pages are not present.
+fn write_page_tables(
+    memory: &GuestMemory,
+    ram_bytes: u64,
+    guards: &[u64],
+) -> Result<(), MemoryError> {
     // Accessed and dirty are preset so walks never write the tables. The engine's own
     // first 2 MiB (GDT, boot info, page tables) is read-only to the guest: every node of
     // a cluster keeps a private copy of it, outside page coherence.
@@ -185,6 +212,12 @@ fn write_page_tables(memory: &GuestMemory, ram_bytes: u64) -> Result<(), MemoryE
     let pml4 = PAGE_TABLES_ADDR;
     let pdpt = pml4 + PAGE_SIZE;
     let pds = pdpt + PAGE_SIZE;
+    let pts = pds + RAM_MAX_BYTES.div_ceil(1 << 30) * PAGE_SIZE;
+    let mut split: Vec<u64> = guards.iter().map(|g| g & !((2 << 20) - 1)).collect();
+    split.dedup();
+    // At most one table per vCPU, inside the engine's area.
+    debug_assert!(pts + split.len() as u64 * PAGE_SIZE <= IMAGE_MIN_ADDR);
+    let small = table | PageTableFlags::DIRTY;
     memory.write_obj(pml4, &(pdpt | table.bits()))?;
     let gibs = ram_bytes.div_ceil(1 << 30);
     for g in 0..gibs {
@@ -194,6 +227,20 @@ fn write_page_tables(memory: &GuestMemory, ram_bytes: u64) -> Result<(), MemoryE
             let addr = (g << 30) | (e << 21);
             if addr >= ram_bytes {
                 break;
+            }
+            if let Some(i) = split.iter().position(|&r| r == addr) {
+                let pt = pts + i as u64 * PAGE_SIZE;
+                for p in 0..512u64 {
+                    let page = addr + p * PAGE_SIZE;
+                    let entry = if guards.contains(&page) {
+                        0
+                    } else {
+                        page | small.bits()
+                    };
+                    memory.write_obj(pt + 8 * p, &entry)?;
+                }
+                memory.write_obj(pd + 8 * e, &(pt | table.bits()))?;
+                continue;
             }
             let flags = if addr < IMAGE_MIN_ADDR {
                 engine_area
@@ -244,7 +291,7 @@ mod tests {
     #[test]
     fn page_tables_identity_map_ram() {
         let memory = GuestMemory::new(3 << 30).unwrap();
-        write_page_tables(&memory, 3 << 30).unwrap();
+        write_page_tables(&memory, 3 << 30, &[]).unwrap();
         let pdpt = memory.read_obj::<u64>(PAGE_TABLES_ADDR).unwrap() & !0xFFF;
         let pd2 = memory.read_obj::<u64>(pdpt + 16).unwrap() & !0xFFF;
         let last = memory.read_obj::<u64>(pd2 + 8 * 511).unwrap();
@@ -254,6 +301,51 @@ mod tests {
             0,
             "nothing mapped past RAM"
         );
+    }
+
+    #[test]
+    fn each_stack_starts_with_an_unmapped_guard_page() {
+        let bytes = elf(0x40_0000, &[(1, 5, 0x40_0000, 0x100, 0x1800)]);
+        let image = Image::parse(&bytes, 8 << 20).unwrap();
+        let layout = BootLayout::new(&image, 3, 8 << 20, 64 << 10).unwrap();
+        let guards = layout.guard_pages();
+        assert_eq!(guards, [0x40_2000, 0x41_2000, 0x42_2000]);
+        assert_eq!(layout.guard_of(0x41_2fff), Some(1));
+        assert_eq!(layout.guard_of(0x41_3000), None, "the stack proper");
+        assert_eq!(layout.guard_of(0x40_1000), None, "the image");
+        assert_eq!(layout.guard_of(0x43_2000), None, "free memory");
+        let memory = GuestMemory::new(8 << 20).unwrap();
+        write_page_tables(&memory, 8 << 20, &guards).unwrap();
+        // Walk 4 KiB translations: PML4 → PDPT → PD → PT.
+        let entry = |table: u64, i: u64| memory.read_obj::<u64>(table + 8 * i).unwrap();
+        let pdpt = entry(PAGE_TABLES_ADDR, 0) & !0xFFF;
+        let pd = entry(pdpt, 0) & !0xFFF;
+        let pde = entry(pd, 2); // 4 MiB .. 6 MiB
+        assert_eq!(
+            pde & PageTableFlags::HUGE_PAGE.bits(),
+            0,
+            "split into 4 KiB pages"
+        );
+        let pt = pde & !0xFFF;
+        for page in 0..512u64 {
+            let addr = (4 << 20) + page * PAGE_SIZE;
+            let pte = entry(pt, page);
+            if guards.contains(&addr) {
+                assert_eq!(pte, 0, "{addr:#x} is a guard page");
+            } else {
+                assert_eq!(pte & !0xFFF, addr, "{addr:#x} identity-mapped");
+                assert_ne!(pte & PageTableFlags::PRESENT.bits(), 0);
+            }
+        }
+        assert_ne!(
+            entry(pd, 3) & PageTableFlags::HUGE_PAGE.bits(),
+            0,
+            "6 MiB: no guard"
+        );
+        assert!(matches!(
+            BootLayout::new(&image, 1, 8 << 20, 4096),
+            Err(BootError::StackSize(4096))
+        ));
     }
 
     #[test]

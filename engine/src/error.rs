@@ -55,6 +55,15 @@ pub enum Error {
     },
     #[error("vCPU {vcpu}: {source}")]
     GuestMemory { vcpu: u32, source: MemoryError },
+    #[error("vCPU {vcpu} ran into the guard page below {whose} stack at {addr:#x} (rip {rip:#x}): stacks are {stack_bytes} bytes, the lowest 4 KiB of each a guard page; give the guest bigger ones (--stack-size)")]
+    StackOverflow {
+        vcpu: u32,
+        /// "its" or "vCPU N's".
+        whose: String,
+        addr: u64,
+        rip: u64,
+        stack_bytes: u64,
+    },
     #[error("deadlock: every running vCPU waits in futex_wait with no timeout (last: vCPU {vcpu} on {addr:#x})")]
     Deadlock { vcpu: u32, addr: u64 },
     #[error("the guest did not finish within {0:?}")]

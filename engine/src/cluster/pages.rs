@@ -74,6 +74,17 @@ impl Placement {
         }
     }
 
+    /// The vCPU whose stack's guard page (its lowest) `page` is, if any.
+    pub fn guard_of(&self, page: u64) -> Option<u32> {
+        self.stack_of(page)
+            .filter(|_| (page - self.stacks.start).is_multiple_of(self.stack_pages))
+    }
+
+    /// Bytes of each vCPU's stack, its guard page included.
+    pub fn stack_bytes(&self) -> u64 {
+        self.stack_pages * PAGE
+    }
+
     /// The vCPU whose stack `page` is part of, if any.
     pub fn stack_of(&self, page: u64) -> Option<u32> {
         self.stacks

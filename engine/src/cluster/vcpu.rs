@@ -213,10 +213,7 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
             Served::Continue => Flow::Continue,
             Served::Moved => Flow::Moved,
         }),
-        What::Shutdown => Err(Error::TripleFault {
-            vcpu: id,
-            rip: rip(vcpu),
-        }),
+        What::Shutdown => Err(triple_fault(node, vcpu)),
         What::Unhandled(exit) => Err(Error::UnhandledExit {
             vcpu: id,
             rip: rip(vcpu),
@@ -346,4 +343,27 @@ fn futex_wake(node: &Node, slot: &Arc<Slot>, vcpu: u32, addr: u64, count: u32) {
         count,
     };
     futex::run(node, op, slot);
+}
+
+/// A triple fault: a stack overflow if the guest's last page fault was on a guard page.
+fn triple_fault(node: &Node, vcpu: &Vcpu) -> Error {
+    let (id, rip) = (vcpu.id(), vcpu.rip().unwrap_or(0));
+    let placement = &node.pages.placement;
+    match vcpu.cr2() {
+        Ok(addr) => match placement.guard_of(addr / crate::cluster::uffd::PAGE) {
+            Some(owner) => Error::StackOverflow {
+                vcpu: id,
+                whose: if owner == id {
+                    "its".into()
+                } else {
+                    format!("vCPU {owner}'s")
+                },
+                addr,
+                rip,
+                stack_bytes: placement.stack_bytes(),
+            },
+            None => Error::TripleFault { vcpu: id, rip },
+        },
+        Err(_) => Error::TripleFault { vcpu: id, rip },
+    }
 }

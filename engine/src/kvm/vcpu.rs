@@ -315,6 +315,11 @@ impl Vcpu {
         result
     }
 
+    /// The address of the guest's last page fault (CR2), for diagnostics.
+    pub fn cr2(&self) -> Result<u64, KvmError> {
+        Ok(self.fd.get_sregs().map_err(self.err("KVM_GET_SREGS"))?.cr2)
+    }
+
     /// The guest's instruction pointer (for diagnostics).
     pub fn rip(&self) -> Result<u64, KvmError> {
         Ok(self.fd.get_regs().map_err(self.err("KVM_GET_REGS"))?.rip)
