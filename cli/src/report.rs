@@ -149,6 +149,7 @@ fn stats_json(s: &NodeStats) -> Value {
         "remote_faults": s.remote_faults, "page_moves": s.page_moves,
         "replicas_made": s.replicas_made, "invalidations": s.invalidations,
         "vcpu_moves": s.vcpu_moves, "bytes_sent": s.bytes_sent, "exits": s.exits,
+        "pages_claimed": s.pages_claimed,
     })
 }
 
@@ -162,6 +163,7 @@ fn stats_from_json(v: &Value) -> Option<NodeStats> {
         vcpu_moves: n("vcpu_moves")?,
         bytes_sent: n("bytes_sent")?,
         exits: n("exits")?,
+        pages_claimed: n("pages_claimed")?,
     })
 }
 
@@ -270,6 +272,7 @@ pub fn summary(info: &RunInfo, r: &Reported, reference: Option<u64>) -> Value {
         "replicas_made": t.replicas_made,
         "invalidations": t.invalidations,
         "vcpu_moves": t.vcpu_moves,
+        "pages_claimed": t.pages_claimed,
         "bytes_sent": t.bytes_sent,
         "missing_counters": r.missing_counters(),
         "fault_service_us": percentiles(&r.samples.fault_service_us),
@@ -319,8 +322,8 @@ pub fn text(info: &RunInfo, r: &Reported, reference: Option<u64>) -> String {
         return s;
     }
     s += &format!(
-        "  remote faults {}, page moves {} ({} replicas), invalidations {}, vCPU moves {}, {} bytes sent\n",
-        t.remote_faults, t.page_moves, t.replicas_made, t.invalidations, t.vcpu_moves, t.bytes_sent
+        "  remote faults {}, page moves {} ({} replicas), {} fresh pages claimed, invalidations {}, vCPU moves {}, {} bytes sent\n",
+        t.remote_faults, t.page_moves, t.replicas_made, t.pages_claimed, t.invalidations, t.vcpu_moves, t.bytes_sent
     );
     if !missing.is_empty() {
         s += &format!("  counters missing from node(s) {missing:?}: the totals leave them out\n");

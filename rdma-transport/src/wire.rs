@@ -29,6 +29,8 @@ pub struct NodeStats {
     pub vcpu_moves: u64,
     pub bytes_sent: u64,
     pub exits: u64,
+    /// Pages of fresh memory claimed: owned with no data sent (`Claim`).
+    pub pages_claimed: u64,
 }
 
 impl NodeStats {
@@ -41,6 +43,7 @@ impl NodeStats {
         self.vcpu_moves += s.vcpu_moves;
         self.bytes_sent += s.bytes_sent;
         self.exits += s.exits;
+        self.pages_claimed += s.pages_claimed;
     }
 }
 
@@ -147,6 +150,28 @@ pub enum Message {
     /// Requester → home: the page is installed and used; the home may go on.
     Done {
         page: u64,
+    },
+    /// Requester → home: I want `page` (for `want`), and the `count - 1` pages after it
+    /// if nobody has used them yet (a first touch of fresh memory; see `Claimed`).
+    Claim {
+        page: u64,
+        count: u8,
+        want: Access,
+    },
+    /// Home → requester: bit `i` of `mask` set: page `page + i` is yours, and nobody has
+    /// written it: install zeros, then answer with `ClaimDone`. A clear bit 0: `page` comes
+    /// the usual way; other clear bits: ask again if you need them.
+    Claimed {
+        page: u64,
+        count: u8,
+        mask: u64,
+    },
+    /// Requester → home: the granted pages of a `Claimed` (same fields) are installed:
+    /// a `Done` for each.
+    ClaimDone {
+        page: u64,
+        count: u8,
+        mask: u64,
     },
     // vCPUs.
     /// A vCPU's full state; it faulted on `page` and re-executes there. `fault_ns` is
@@ -262,6 +287,11 @@ const K_STATS: u8 = 18;
 const K_BYE: u8 = 19;
 const K_PING: u8 = 20;
 const K_ECHO: u8 = 21;
+const K_CLAIM: u8 = 22;
+const K_CLAIMED: u8 = 23;
+const K_CLAIM_DONE: u8 = 24;
+/// Most pages one `Claim` covers.
+pub const CLAIM_MAX_PAGES: u8 = 64;
 
 impl Message {
     /// The message's name, for logs and errors.
@@ -278,6 +308,9 @@ impl Message {
             Message::PageData { .. } => K_PAGE_DATA,
             Message::Grant { .. } => K_GRANT,
             Message::Done { .. } => K_DONE,
+            Message::Claim { .. } => K_CLAIM,
+            Message::Claimed { .. } => K_CLAIMED,
+            Message::ClaimDone { .. } => K_CLAIM_DONE,
             Message::VcpuMove { .. } => K_VCPU_MOVE,
             Message::FutexWait { .. } => K_FUTEX_WAIT,
             Message::FutexWake { .. } => K_FUTEX_WAKE,
@@ -305,6 +338,9 @@ fn kind_name(kind: u8) -> &'static str {
         K_PAGE_DATA => "PageData",
         K_GRANT => "Grant",
         K_DONE => "Done",
+        K_CLAIM => "Claim",
+        K_CLAIMED => "Claimed",
+        K_CLAIM_DONE => "ClaimDone",
         K_VCPU_MOVE => "VcpuMove",
         K_FUTEX_WAIT => "FutexWait",
         K_FUTEX_WAKE => "FutexWake",
@@ -368,6 +404,16 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
         Message::Grant { page, copies } => {
             w.u64(*page);
             w.u8(*copies);
+        }
+        Message::Claim { page, count, want } => {
+            w.u64(*page);
+            w.u8(*count);
+            w.u8(want_byte(*want));
+        }
+        Message::Claimed { page, count, mask } | Message::ClaimDone { page, count, mask } => {
+            w.u64(*page);
+            w.u8(*count);
+            w.u64(*mask);
         }
         Message::PageData {
             page,
@@ -438,6 +484,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
                 stats.vcpu_moves,
                 stats.bytes_sent,
                 stats.exits,
+                stats.pages_claimed,
             ] {
                 w.u64(v);
             }
@@ -525,6 +572,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
         K_INVALIDATE => exact(10)?,
         K_INVALIDATE_ACK | K_DONE | K_REPORT => exact(8)?,
         K_GRANT => exact(9)?,
+        K_CLAIM => exact(10)?,
+        K_CLAIMED | K_CLAIM_DONE => exact(17)?,
         K_PAGE_DATA => exact(10 + PAGE_BYTES)?,
         K_VCPU_MOVE => at_most(28, MAX_BODY_BYTES)?,
         K_ECHO => exact(1 + PAGE_BYTES)?,
@@ -535,7 +584,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
         K_EXIT => exact(4)?,
         K_FATAL => at_most(0, MAX_TEXT_BYTES)?,
         K_STOP | K_BYE | K_PING => exact(0)?,
-        K_STATS => at_most(56 + 4 * 6, 56 + 4 * 6 * (1 + MAX_SAMPLES))?,
+        K_STATS => at_most(64 + 4 * 6, 64 + 4 * 6 * (1 + MAX_SAMPLES))?,
         other => return Err(WireError::Kind(other)),
     }
     Ok(Header { kind, len })
@@ -604,6 +653,40 @@ pub fn decode_body(header: Header, body: &[u8]) -> Result<Message, WireError> {
             copies: copies(&mut r)?,
         },
         K_DONE => Message::Done { page: r.u64()? },
+        K_CLAIM | K_CLAIMED | K_CLAIM_DONE => {
+            let page = r.u64()?;
+            let count = match r.u8()? {
+                c @ 1..=CLAIM_MAX_PAGES => c,
+                c => {
+                    return Err(WireError::Field {
+                        kind,
+                        field: "count",
+                        value: c as u64,
+                    })
+                }
+            };
+            if header.kind == K_CLAIM {
+                Message::Claim {
+                    page,
+                    count,
+                    want: want(&mut r)?,
+                }
+            } else {
+                let mask = r.u64()?;
+                if count < 64 && mask >> count != 0 {
+                    return Err(WireError::Field {
+                        kind,
+                        field: "mask",
+                        value: mask,
+                    });
+                }
+                if header.kind == K_CLAIMED {
+                    Message::Claimed { page, count, mask }
+                } else {
+                    Message::ClaimDone { page, count, mask }
+                }
+            }
+        }
         K_VCPU_MOVE => Message::VcpuMove {
             vcpu: r.u32()?,
             page: r.u64()?,
@@ -671,7 +754,7 @@ pub fn decode_body(header: Header, body: &[u8]) -> Result<Message, WireError> {
         K_BYE => Message::Bye,
         K_PING => Message::Ping,
         K_STATS => {
-            let mut v = [0u64; 7];
+            let mut v = [0u64; 8];
             for x in &mut v {
                 *x = r.u64()?;
             }
@@ -683,6 +766,7 @@ pub fn decode_body(header: Header, body: &[u8]) -> Result<Message, WireError> {
                 vcpu_moves: v[4],
                 bytes_sent: v[5],
                 exits: v[6],
+                pages_claimed: v[7],
             };
             let mut samples = Samples::default();
             for (field, list) in Samples::FIELDS.into_iter().zip(samples.lists_mut()) {
@@ -807,6 +891,21 @@ mod tests {
             },
             Message::Grant { page: 3, copies: 1 },
             Message::Done { page: 3 },
+            Message::Claim {
+                page: 4,
+                count: 64,
+                want: Access::Write,
+            },
+            Message::Claimed {
+                page: 4,
+                count: 3,
+                mask: 0b101,
+            },
+            Message::ClaimDone {
+                page: 4,
+                count: 64,
+                mask: u64::MAX,
+            },
             Message::VcpuMove {
                 vcpu: 3,
                 page: 77,

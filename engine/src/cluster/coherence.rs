@@ -7,12 +7,13 @@
 use super::node::Node;
 use super::pages::{Local, PageState};
 use super::uffd::PAGE;
-use super::wait::Slot;
+use super::wait::{Slot, Waiting};
 use crate::memory::{GuestRead, MemoryError};
 use crate::Error;
 use flotilla_telemetry::metrics::Direction;
 use flotilla_telemetry::trace::{EventKind, NONE16};
-use flotilla_transport::{Access, Message, NodeId};
+use flotilla_transport::{wire::CLAIM_MAX_PAGES, Access, Message, NodeId};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 use std::time::{Duration, Instant};
@@ -72,7 +73,7 @@ impl Node {
                 }
             }
             let home = self.home(page);
-            let issue = {
+            let (issue, claim) = {
                 let mut w = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
                 let entry = w.entry(page).or_default();
                 let issue = entry.in_flight.is_none();
@@ -81,17 +82,30 @@ impl Node {
                     entry.done_at_install = !hold;
                 }
                 entry.slots.push(Arc::clone(slot));
-                issue
+                // Nothing to complete under the page's lock: ask for the pages after it
+                // too, should they be fresh memory (see `serve_claim`).
+                let claim = if issue && !hold && home != self.me {
+                    self.claim_extent(&mut w, page, home)
+                } else {
+                    1
+                };
+                (issue, claim)
             };
             if issue {
-                self.send(
-                    home,
+                let msg = if claim > 1 {
+                    Message::Claim {
+                        page,
+                        count: claim,
+                        want,
+                    }
+                } else {
                     Message::PageRequest {
                         page,
                         want,
                         requester: self.me,
-                    },
-                );
+                    }
+                };
+                self.send(home, msg);
             }
             let since = Instant::now();
             let mut warned = false;
@@ -116,6 +130,157 @@ impl Node {
                 done_to = Some(home);
             }
         }
+    }
+
+    /// How many pages from `page` on to claim along with it (at least 1): the run of
+    /// pages after it with the same home that this node does not hold and is not already
+    /// waiting for. Each gets a waiting entry (`w` is the waiting map, locked).
+    fn claim_extent(&self, w: &mut HashMap<u64, Waiting>, page: u64, home: NodeId) -> u8 {
+        let mut count = 1u8;
+        while count < CLAIM_MAX_PAGES {
+            let next = page + count as u64;
+            // The state is read without the page's lock: a hint, the home decides.
+            if !self.pages.coherent(next)
+                || self.home(next) != home
+                || w.contains_key(&next)
+                || self.pages.state(next).0 != PageState::Invalid
+            {
+                break;
+            }
+            w.insert(
+                next,
+                Waiting {
+                    in_flight: Some(Access::Write),
+                    done_at_install: true,
+                    slots: Vec::new(),
+                },
+            );
+            count += 1;
+        }
+        count
+    }
+
+    /// Home: `from` claims `page` and the `count - 1` pages after it. Each that this node
+    /// owns alone, with no transaction on it, and has never used (held, not mapped, not
+    /// armed by the sampler) becomes `from`'s with no data sent: it is all zeros, and
+    /// `from` installs zeros. `page` itself, if it does not qualify, is requested the
+    /// usual way. One round trip for a run of fresh memory instead of one per page,
+    /// and no 4 KiB of zeros on the wire for each.
+    pub(super) fn serve_claim(
+        &self,
+        from: NodeId,
+        page: u64,
+        count: u8,
+        want: Access,
+    ) -> Result<(), Error> {
+        let mut mask = 0u64;
+        for i in 0..count as u64 {
+            let p = page + i;
+            if !self.pages.coherent(p) || self.home(p) != self.me {
+                if i == 0 {
+                    return Err(Error::Protocol {
+                        from,
+                        what: format!("a claim of page {p:#x}, which is not homed here"),
+                    });
+                }
+                break;
+            }
+            let _g = self.pages.lock(p);
+            let fresh = self.pages.state(p) == (PageState::Owned, false) && !self.pages.is_armed(p);
+            // The page's lock keeps local threads from mapping it meanwhile; the
+            // directory's lock is never held while taking a page's.
+            if fresh
+                && self
+                    .directory()
+                    .claim(p, from)
+                    .map_err(|e| Error::Protocol {
+                        from,
+                        what: e.to_string(),
+                    })?
+            {
+                self.pages.set_state(p, PageState::Invalid, false);
+                self.pages.set_hint(p, from);
+                mask |= 1 << i;
+            }
+        }
+        self.send(from, Message::Claimed { page, count, mask });
+        if mask & 1 == 0 {
+            let out = self.directory().request(page, from, want);
+            self.route(out.map_err(|e| Error::Protocol {
+                from,
+                what: e.to_string(),
+            })?);
+        }
+        Ok(())
+    }
+
+    /// Requester: the home's answer to a claim. Pages granted get zeros and are owned
+    /// here, the threads waiting for them wake, and the home hears they are installed
+    /// (one `ClaimDone` for them all). The other pages after `page` were only asked for on spec: their
+    /// waiters wake and ask again if they still need them. `page` itself, if not granted,
+    /// comes the usual way.
+    pub(super) fn take_claimed(
+        &self,
+        from: NodeId,
+        page: u64,
+        count: u8,
+        mask: u64,
+    ) -> Result<(), Error> {
+        for i in 0..count as u64 {
+            let p = page + i;
+            if !self.pages.coherent(p) {
+                return Err(Error::Protocol {
+                    from,
+                    what: format!("a claim answer for page {p:#x}, outside coherent guest RAM"),
+                });
+            }
+            let granted = mask & (1 << i) != 0;
+            if granted {
+                let _g = self.pages.lock(p);
+                if self.pages.state(p) != (PageState::Invalid, false) {
+                    return Err(Error::Page {
+                        page: p,
+                        what: format!("granted by node {from}'s claim while held here"),
+                    });
+                }
+                self.pages.uffd()?.install_zeros(p * PAGE, PAGE, false)?;
+                self.pages.set_state(p, PageState::Owned, true);
+                self.pages.set_hint(p, self.me);
+                self.counters.pages_claimed.fetch_add(1, Ordering::Relaxed);
+            } else if i == 0 {
+                continue;
+            }
+            let entry = self
+                .waiting
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&p);
+            for slot in entry.iter().flat_map(|e| &e.slots) {
+                slot.wake();
+            }
+        }
+        if mask != 0 {
+            self.send(from, Message::ClaimDone { page, count, mask });
+        }
+        Ok(())
+    }
+
+    /// Home: the requester installed the pages it claimed; their transactions end.
+    pub(super) fn claim_done(
+        &self,
+        from: NodeId,
+        page: u64,
+        count: u8,
+        mask: u64,
+    ) -> Result<(), Error> {
+        for i in (0..count as u64).filter(|i| mask & (1 << i) != 0) {
+            let out = self.directory().done(page + i, from);
+            self.route(out.map_err(|e| Error::Protocol {
+                from,
+                what: e.to_string(),
+            })?);
+        }
+        Ok(())
     }
 
     /// Ends the use of a page from [`Node::acquire`].

@@ -112,6 +112,31 @@ impl PageDirectory {
         Some((self.owner[i], self.copyset[i]))
     }
 
+    /// Hands `page` to `to`, if no transaction is open or queued on it and this node
+    /// alone holds it; returns whether it did. For a claim of fresh memory: the caller
+    /// has checked, under the page's lock, that its copy was never used, and sends no
+    /// data (the page is zeros). It is a transaction like any other: `to`'s `Done` ends
+    /// it, so a request for the page that comes meanwhile waits until `to` has the page.
+    pub fn claim(&mut self, page: u64, to: NodeId) -> Result<bool, ProtocolError> {
+        let i = self.index(page, to, "Claim")?;
+        let mine = 1u64 << self.me;
+        if self.busy.contains_key(&page) || self.owner[i] != self.me || self.copyset[i] != mine {
+            return Ok(false);
+        }
+        self.owner[i] = to;
+        self.copyset[i] = 1u64 << to;
+        self.busy.insert(
+            page,
+            Transaction {
+                requester: to,
+                acks: 0,
+                then: None,
+                queue: VecDeque::new(),
+            },
+        );
+        Ok(true)
+    }
+
     /// `from` asks for `page`.
     pub fn request(
         &mut self,
@@ -280,8 +305,9 @@ mod tests {
         writes: u64,
     }
 
+    /// Pages homed in pairs, so a claim can cover more than one page.
     fn home(page: u64, n: u16) -> NodeId {
-        (page % n as u64) as NodeId
+        ((page / 2) % n as u64) as NodeId
     }
 
     fn data(v: u64) -> Box<[u8; PAGE_BYTES]> {
@@ -418,9 +444,90 @@ mod tests {
                     }
                     c.arrived[p] = true;
                 }
+                Message::Claim { page, count, want } => {
+                    // The home: as `serve_claim` does.
+                    let mut mask = 0u64;
+                    for i in 0..count as u64 {
+                        let q = page + i;
+                        if q >= self.pages || home(q, self.n) != to {
+                            break;
+                        }
+                        let fresh = self.caches[x].state[q as usize] == St::Owned
+                            && self.caches[x].value[q as usize] == 0;
+                        if fresh && self.dirs[x].claim(q, from).map_err(|e| e.to_string())? {
+                            self.caches[x].state[q as usize] = St::Invalid;
+                            mask |= 1 << i;
+                        }
+                    }
+                    self.send(to, vec![(from, Message::Claimed { page, count, mask })]);
+                    if mask & 1 == 0 {
+                        let out = self.dirs[x]
+                            .request(page, from, want)
+                            .map_err(|e| e.to_string())?;
+                        self.send(to, out);
+                    }
+                }
+                Message::Claimed { page, count, mask } => {
+                    // The requester: as `take_claimed` does.
+                    let c = &mut self.caches[x];
+                    for i in 0..count as u64 {
+                        let q = (page + i) as usize;
+                        if mask & (1 << i) != 0 {
+                            if c.state[q] != St::Invalid || c.pending[q].is_none() {
+                                return Err(format!("claimed page {q} at node {to} unexpectedly"));
+                            }
+                            c.state[q] = St::Owned;
+                            c.value[q] = 0;
+                            c.pending[q] = None;
+                        } else if i > 0 {
+                            c.pending[q] = None;
+                        }
+                    }
+                    if mask != 0 {
+                        self.send(to, vec![(from, Message::ClaimDone { page, count, mask })]);
+                    }
+                }
+                Message::ClaimDone { page, count, mask } => {
+                    for i in (0..count as u64).filter(|i| mask & (1 << i) != 0) {
+                        let out = self.dirs[x]
+                            .done(page + i, from)
+                            .map_err(|e| e.to_string())?;
+                        self.send(to, out);
+                    }
+                }
                 other => return Err(format!("unexpected {}", other.name())),
             }
             Ok(())
+        }
+
+        /// Node `x` claims page `p` and the pages after it with the same home (fresh
+        /// memory, as `claim_extent` asks for it).
+        fn claim(&mut self, x: NodeId, p: u64) {
+            let h = home(p, self.n);
+            let c = &mut self.caches[x as usize];
+            if h == x || c.pending[p as usize].is_some() || c.state[p as usize] != St::Invalid {
+                return;
+            }
+            let mut count = 0u8;
+            while p + (count as u64) < self.pages
+                && home(p + count as u64, self.n) == h
+                && c.pending[(p + count as u64) as usize].is_none()
+                && c.state[(p + count as u64) as usize] == St::Invalid
+            {
+                c.pending[(p + count as u64) as usize] = Some(Access::Write);
+                count += 1;
+            }
+            self.send(
+                x,
+                vec![(
+                    h,
+                    Message::Claim {
+                        page: p,
+                        count,
+                        want: Access::Write,
+                    },
+                )],
+            );
         }
 
         fn allows(s: St, w: Access) -> bool {
@@ -485,10 +592,14 @@ mod tests {
                         return Err(format!("node {x} holds a stale copy of page {p}"));
                     }
                 }
-                let in_flight =
-                    self.links.values().flatten().any(
-                        |m| matches!(m, Message::PageData { page, .. } if *page as usize == p),
-                    );
+                let in_flight = self.links.values().flatten().any(|m| match m {
+                    Message::PageData { page, .. } => *page as usize == p,
+                    Message::Claimed { page, count, mask } => {
+                        let q = p as u64;
+                        q >= *page && q < page + *count as u64 && mask & (1 << (q - page)) != 0
+                    }
+                    _ => false,
+                });
                 if owned + shared == 0 && !in_flight {
                     return Err(format!("page {p} is lost"));
                 }
@@ -525,6 +636,8 @@ mod tests {
             if kind % 3 == 0 {
                 let want = if write { Access::Write } else { Access::Read };
                 w.want(a as NodeId % n, b as u64 % pages, want)?;
+            } else if kind % 11 == 1 {
+                w.claim(a as NodeId % n, b as u64 % pages);
             } else {
                 w.deliver_one(a as usize * 7 + b as usize)?;
             }
@@ -569,7 +682,7 @@ mod tests {
         #[test]
         fn coherence_holds_under_any_interleaving(
             n in 1u16..=4,
-            pages in 1u64..=3,
+            pages in 1u64..=6,
             steps in proptest::collection::vec((any::<u8>(), any::<u8>(), any::<u8>(), any::<bool>()), 0..300),
         ) {
             prop_assert_eq!(run(n, pages, &steps), Ok(()));
@@ -629,5 +742,48 @@ mod tests {
         ));
         d.done(0, 1).unwrap();
         assert_eq!(d.entry(0), Some((1, 0b10)));
+    }
+
+    #[test]
+    fn only_a_page_the_home_alone_holds_and_nobody_asks_for_can_be_claimed() {
+        // Pages 0..4 homed at node 0 of 3, owned by it; page 3 also copied to node 2.
+        let mut d = PageDirectory::new(0, 3, 0, 4, |p| {
+            Some((0, if p == 3 { 0b101 } else { 0b001 }))
+        });
+        assert_eq!(d.claim(0, 1), Ok(true));
+        assert_eq!(d.entry(0), Some((1, 0b010)));
+        assert_eq!(d.claim(0, 2), Ok(false), "node 1 owns it now");
+        // Until node 1 says it installed the page, a request for it waits; then it is
+        // served from node 1 like any other.
+        assert_eq!(d.request(0, 2, Access::Read), Ok(Vec::new()));
+        let out = d.done(0, 1).unwrap();
+        assert!(
+            matches!(
+                out[..],
+                [(
+                    1,
+                    Message::Fetch {
+                        page: 0,
+                        requester: 2,
+                        ..
+                    }
+                )]
+            ),
+            "{out:?}"
+        );
+        d.done(0, 2).unwrap();
+        // A transaction in progress (node 2 asked for page 1): no claim until it is done.
+        assert_eq!(d.request(1, 2, Access::Write).unwrap().len(), 1);
+        assert_eq!(d.claim(1, 1), Ok(false));
+        d.done(1, 2).unwrap();
+        assert_eq!(d.claim(1, 1), Ok(false), "node 2 owns it");
+        assert_eq!(d.claim(3, 1), Ok(false), "node 2 holds a copy");
+        assert_eq!(d.claim(2, 2), Ok(true));
+        assert!(matches!(d.claim(2, 7), Err(ProtocolError::BadNode { .. })));
+        assert!(matches!(
+            d.done(2, 1),
+            Err(ProtocolError::Unexpected { .. })
+        ));
+        d.done(2, 2).unwrap();
     }
 }

@@ -319,6 +319,18 @@ impl Node {
                 self.page_msg_check(page, from, name)?;
                 self.grant(page, copies, from)?;
             }
+            Message::Claim { page, count, want } => {
+                self.page_msg_check(page, from, name)?;
+                self.serve_claim(from, page, count, want)?;
+            }
+            Message::Claimed { page, count, mask } => {
+                self.page_msg_check(page, from, name)?;
+                self.take_claimed(from, page, count, mask)?;
+            }
+            Message::ClaimDone { page, count, mask } => {
+                self.page_msg_check(page, from, name)?;
+                self.claim_done(from, page, count, mask)?;
+            }
             Message::Done { page } => {
                 self.page_msg_check(page, from, name)?;
                 let out = self.directory().done(page, from);
@@ -624,6 +636,7 @@ impl Node {
             remote_faults: m.remote_faults(),
             page_moves: m.page_moves(Direction::In),
             replicas_made: l(&c.replicas_made),
+            pages_claimed: l(&c.pages_claimed),
             invalidations: m.invalidations(),
             vcpu_moves: m.vcpu_moves(Direction::Out),
             bytes_sent: self.traffic().0,

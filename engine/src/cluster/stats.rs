@@ -10,6 +10,8 @@ use std::time::Duration;
 #[derive(Default)]
 pub(super) struct Counters {
     pub replicas_made: AtomicU64,
+    /// Pages of fresh memory this node claimed (owned with no data sent).
+    pub pages_claimed: AtomicU64,
     pub exits: AtomicU64,
 }
 

@@ -72,6 +72,9 @@ const _: () = assert!(UFFDIO_REGISTER == 0xc020_aa00);
 const _: () = assert!(UFFDIO_COPY == 0xc028_aa03);
 const _: () = assert!(UFFDIO_WRITEPROTECT == 0xc018_aa06);
 
+/// Most bytes of zeros installed by one `UFFDIO_COPY`.
+const ZERO_RUN_BYTES: usize = 64 << 10;
+
 pub const PAGE: u64 = 4096;
 
 /// A failed userfaultfd call, naming the call and the guest page.
@@ -189,6 +192,40 @@ impl Userfault {
                 gpa,
                 source,
             })
+    }
+
+    /// Installs zeros at the missing pages `[gpa, gpa + len)`, write-protected if
+    /// `read_only`, in one call.
+    pub fn install_zeros(&self, gpa: u64, len: u64, read_only: bool) -> Result<(), UffdError> {
+        static ZEROS: [u8; ZERO_RUN_BYTES] = [0; ZERO_RUN_BYTES];
+        self.check(gpa, len);
+        let (mut done, mut retries) = (0, 0);
+        while done < len {
+            let n = (len - done).min(ZERO_RUN_BYTES as u64);
+            let mut copy = UffdioCopy {
+                dst: self.host + gpa + done,
+                src: ZEROS.as_ptr() as u64,
+                len: n,
+                mode: if read_only { UFFDIO_COPY_MODE_WP } else { 0 },
+                copy: 0,
+            };
+            match self.ioctl(UFFDIO_COPY, &mut copy) {
+                Ok(()) => done += n,
+                // A range copy may stop part way (EAGAIN, `copy` says how far it got).
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && retries < 100 => {
+                    retries += 1;
+                    done += copy.copy.max(0) as u64;
+                }
+                Err(source) => {
+                    return Err(UffdError::Page {
+                        op: "UFFDIO_COPY",
+                        gpa: gpa + done,
+                        source,
+                    })
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Write-protects (or unprotects) the installed pages `[gpa, gpa + len)`.
