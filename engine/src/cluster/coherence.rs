@@ -13,6 +13,10 @@ use crate::Error;
 use flotilla_telemetry::metrics::Direction;
 use flotilla_telemetry::trace::{EventKind, NONE16};
 use flotilla_transport::{wire::CLAIM_MAX_PAGES, Access, Message, NodeId};
+
+/// Most pages one claim asks for (the wire allows `CLAIM_MAX_PAGES`).
+const CLAIM_EXTENT: u8 = 16;
+const _: () = assert!(CLAIM_EXTENT <= CLAIM_MAX_PAGES);
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
@@ -137,7 +141,7 @@ impl Node {
     /// waiting for. Each gets a waiting entry (`w` is the waiting map, locked).
     fn claim_extent(&self, w: &mut HashMap<u64, Waiting>, page: u64, home: NodeId) -> u8 {
         let mut count = 1u8;
-        while count < CLAIM_MAX_PAGES {
+        while count < CLAIM_EXTENT {
             let next = page + count as u64;
             // The state is read without the page's lock: a hint, the home decides.
             if !self.pages.coherent(next)
