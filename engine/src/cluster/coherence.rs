@@ -230,39 +230,62 @@ impl Node {
         count: u8,
         mask: u64,
     ) -> Result<(), Error> {
-        for i in 0..count as u64 {
-            let p = page + i;
-            if !self.pages.coherent(p) {
-                return Err(Error::Protocol {
-                    from,
-                    what: format!("a claim answer for page {p:#x}, outside coherent guest RAM"),
-                });
-            }
-            let granted = mask & (1 << i) != 0;
-            if granted {
-                let _g = self.pages.lock(p);
+        let end = page + count as u64;
+        if !self.pages.coherent(end - 1) {
+            return Err(Error::Protocol {
+                from,
+                what: format!(
+                    "a claim answer for pages {page:#x}..{end:#x}, past coherent guest RAM"
+                ),
+            });
+        }
+        let granted = |p: u64| mask & (1 << (p - page)) != 0;
+        {
+            // Every granted page locked (in ascending order; at most 64 stripes, all
+            // different), then zeros installed for each run of them in one call.
+            let guards: Vec<_> = (page..end)
+                .filter(|&p| granted(p))
+                .map(|p| self.pages.lock(p))
+                .collect();
+            for p in (page..end).filter(|&p| granted(p)) {
                 if self.pages.state(p) != (PageState::Invalid, false) {
                     return Err(Error::Page {
                         page: p,
                         what: format!("granted by node {from}'s claim while held here"),
                     });
                 }
-                self.pages.uffd()?.install_zeros(p * PAGE, PAGE, false)?;
-                self.pages.set_state(p, PageState::Owned, true);
-                self.pages.set_hint(p, self.me);
-                self.counters.pages_claimed.fetch_add(1, Ordering::Relaxed);
-            } else if i == 0 {
-                continue;
             }
-            let entry = self
-                .waiting
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&p);
-            for slot in entry.iter().flat_map(|e| &e.slots) {
+            let mut p = page;
+            while p < end {
+                if !granted(p) {
+                    p += 1;
+                    continue;
+                }
+                let run = (p..end).take_while(|&q| granted(q)).count() as u64;
+                self.pages
+                    .uffd()?
+                    .install_zeros(p * PAGE, run * PAGE, false)?;
+                for q in p..p + run {
+                    self.pages.set_state(q, PageState::Owned, true);
+                    self.pages.set_hint(q, self.me);
+                }
+                p += run;
+            }
+            self.counters
+                .pages_claimed
+                .fetch_add(mask.count_ones() as u64, Ordering::Relaxed);
+            drop(guards);
+        }
+        // Wake whoever waits: for a granted page, it is here; for a page asked for on
+        // spec and not granted, ask again if still needed. `page` itself, if not
+        // granted, is still coming.
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        for p in (page..end).filter(|&p| granted(p) || p != page) {
+            for slot in waiting.remove(&p).iter().flat_map(|e| &e.slots) {
                 slot.wake();
             }
         }
+        drop(waiting);
         if mask != 0 {
             self.send(from, Message::ClaimDone { page, count, mask });
         }
