@@ -279,13 +279,16 @@ impl Node {
         // Wake whoever waits: for a granted page, it is here; for a page asked for on
         // spec and not granted, ask again if still needed. `page` itself, if not
         // granted, is still coming.
-        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
-        for p in (page..end).filter(|&p| granted(p) || p != page) {
-            for slot in waiting.remove(&p).iter().flat_map(|e| &e.slots) {
-                slot.wake();
-            }
+        let woken: Vec<Waiting> = {
+            let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+            (page..end)
+                .filter(|&p| granted(p) || p != page)
+                .filter_map(|p| waiting.remove(&p))
+                .collect()
+        };
+        for slot in woken.iter().flat_map(|e| &e.slots) {
+            slot.wake();
         }
-        drop(waiting);
         if mask != 0 {
             self.send(from, Message::ClaimDone { page, count, mask });
         }

@@ -56,18 +56,21 @@ pub struct BootedNode {
     metrics_server: Option<MetricsServer>,
 }
 
-/// Builds the parts of a node that do not depend on how guest RAM was filled.
+/// Builds a node over guest RAM that is already filled (by boot or a stopped run):
+/// the VM and its vCPUs (`vcpu_states` sets each one up), the node with its policy,
+/// recorder and health signals, and its metrics server. `returned`: vCPUs not to start.
 #[allow(clippy::too_many_arguments)]
 fn build(
     me: NodeId,
-    spec: &ClusterSpec,
+    spec: ClusterSpec,
     layout: BootLayout,
     memory: Arc<GuestMemory>,
-    observe: &Observe,
+    observe: Observe,
     clock: GuestClock,
     leader: Option<Leader>,
+    returned: Vec<bool>,
     vcpu_states: impl Fn(&Vcpu) -> Result<(), crate::kvm::KvmError>,
-) -> Result<(Arc<Node>, Vm, Vec<Vcpu>), Error> {
+) -> Result<BootedNode, Error> {
     let hypervisor = Hypervisor::open()?;
     let alone = spec.nodes == 1 && observe.sample_rate == 0;
     let vm = hypervisor.create_vm(&memory)?;
@@ -98,7 +101,7 @@ fn build(
     let node = Node::new(Parts {
         me,
         spec: spec.clone(),
-        layout,
+        layout: layout.clone(),
         memory,
         alone,
         policy,
@@ -107,7 +110,29 @@ fn build(
         clock,
         leader,
     })?;
-    Ok((node, vm, vcpus))
+    let metrics_server = match observe.metrics_addr {
+        Some(addr) => {
+            let weak = Arc::downgrade(&node);
+            let server = MetricsServer::start(
+                addr,
+                Arc::new(move || weak.upgrade().map(|n| n.scrape()).unwrap_or_default()),
+            )
+            .map_err(|e| Error::Config(e.to_string()))?;
+            tracing::info!(node = me, addr = %server.addr(), "serving metrics");
+            Some(server)
+        }
+        None => None,
+    };
+    Ok(BootedNode {
+        node,
+        vm,
+        vcpus,
+        returned,
+        layout,
+        spec,
+        observe,
+        metrics_server,
+    })
 }
 
 impl BootedNode {
@@ -136,18 +161,19 @@ impl BootedNode {
         layout.write(&memory, &spec.args)?;
         let leader =
             (me == 0).then(|| Leader::new(spec.vcpus, spec.nodes, observe.forward_console));
-        let (node, vm, vcpus) = build(
+        let returned = vec![false; spec.vcpus as usize];
+        let boot_layout = layout.clone();
+        build(
             me,
-            &spec,
-            layout.clone(),
+            spec,
+            layout,
             memory,
-            &observe,
+            observe,
             GuestClock::Epoch(epoch_ns),
             leader,
-            |v| v.set_boot_state(&layout),
-        )?;
-        let returned = vec![false; spec.vcpus as usize];
-        BootedNode::finish_boot(node, vm, vcpus, returned, layout, spec, observe)
+            returned,
+            |v| v.set_boot_state(&boot_layout),
+        )
     }
 
     /// Builds a node alone over `memory` (guest RAM of a stopped run) with every vCPU
@@ -181,63 +207,21 @@ impl BootedNode {
         }
         let leader = Leader::new(spec.vcpus, 1, observe.forward_console);
         leader.resume(&snapshot.returned, snapshot.report);
-        let (node, vm, vcpus) = build(
+        let returned = snapshot.returned.iter().map(Option::is_some).collect();
+        build(
             0,
-            &spec,
+            spec,
             snapshot.layout.clone(),
             memory,
-            &observe,
+            observe,
             GuestClock::Continue(snapshot.clock_ns),
             Some(leader),
+            returned,
             |v| match &snapshot.vcpus[v.id() as usize] {
                 Some(state) => v.restore(state),
                 None => Ok(()),
             },
-        )?;
-        let returned = snapshot.returned.iter().map(Option::is_some).collect();
-        BootedNode::finish_boot(
-            node,
-            vm,
-            vcpus,
-            returned,
-            snapshot.layout.clone(),
-            spec,
-            observe,
         )
-    }
-
-    fn finish_boot(
-        node: Arc<Node>,
-        vm: Vm,
-        vcpus: Vec<Vcpu>,
-        returned: Vec<bool>,
-        layout: BootLayout,
-        spec: ClusterSpec,
-        observe: Observe,
-    ) -> Result<BootedNode, Error> {
-        let metrics_server = match observe.metrics_addr {
-            Some(addr) => {
-                let weak = Arc::downgrade(&node);
-                let server = MetricsServer::start(
-                    addr,
-                    Arc::new(move || weak.upgrade().map(|n| n.scrape()).unwrap_or_default()),
-                )
-                .map_err(|e| Error::Config(e.to_string()))?;
-                tracing::info!(node = node.me, addr = %server.addr(), "serving metrics");
-                Some(server)
-            }
-            None => None,
-        };
-        Ok(BootedNode {
-            node,
-            vm,
-            vcpus,
-            returned,
-            layout,
-            spec,
-            observe,
-            metrics_server,
-        })
     }
 
     /// Guest RAM of this node.
