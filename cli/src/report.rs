@@ -305,14 +305,16 @@ pub fn text(info: &RunInfo, r: &Reported, reference: Option<u64>) -> String {
         Ok(code) => format!("exit code {code}"),
         Err(_) => "failed".to_string(),
     };
+    // A node alone has no links and nothing to place.
+    let on = if info.nodes == 1 {
+        "1 node".to_string()
+    } else {
+        format!("{} nodes ({}, {})", info.nodes, info.transport, info.policy)
+    };
     let mut s = format!(
-        "{}: {} vCPUs on {} node{} ({}, {}), {ending}, checksum {} ({check}), {:.1} ms\n",
+        "{}: {} vCPUs on {on}, {ending}, checksum {} ({check}), {:.1} ms\n",
         info.name,
         info.vcpus,
-        info.nodes,
-        if info.nodes == 1 { "" } else { "s" },
-        info.transport,
-        info.policy,
         hex(r.report).unwrap_or_else(|| "none".into()),
         r.wall_ms,
     );

@@ -313,11 +313,19 @@ fn run_here(plan: &Plan) -> Reported {
         forward_console: c.console == ConsoleMode::Forward,
         ..Default::default()
     };
+    let forwarded = observe.forward_console;
     let run = BootedNode::boot(0, c.spec(), &plan.image, observe, None)
         .and_then(|node| node.start(c.timeout))
         .and_then(RunningNode::wait);
     match run {
-        Ok(Some(outcome)) => Reported::from_outcome(outcome),
+        Ok(Some(outcome)) => {
+            let mut reported = Reported::from_outcome(outcome);
+            if forwarded {
+                // Already on stdout, as the guest wrote it.
+                reported.console.clear();
+            }
+            reported
+        }
         Ok(None) => Reported::failed(1, "a node alone is node 0".into()),
         Err(e) => Reported::failed(1, e.to_string()),
     }

@@ -232,3 +232,56 @@ fn a_stack_overflow_is_named_and_a_bigger_stack_fixes_it() {
     assert_eq!(v["missing_counters"], serde_json::json!([]), "{v}");
     let _ = std::fs::remove_file(elf);
 }
+
+#[test]
+fn a_guest_learns_which_node_each_vcpu_runs_on() {
+    if !kvm() {
+        return;
+    }
+    // vCPU 1 starts on node 1 (round robin) and writes a word in node 0's memory: the
+    // word comes to it under always-page, it goes to the word under always-vcpu.
+    let elf = build_c("where");
+    let image = elf.to_str().unwrap();
+    for (nodes, policy, vcpu1, code) in [
+        (
+            "1",
+            "always-page",
+            "vcpu 1: node 0 then node 0 of 1",
+            "0x0000000000000000",
+        ),
+        (
+            "2",
+            "always-page",
+            "vcpu 1: node 1 then node 1 of 2",
+            "0x0000000000001100",
+        ),
+        (
+            "2",
+            "always-vcpu",
+            "vcpu 1: node 1 then node 0 of 2",
+            "0x0000000000001000",
+        ),
+    ] {
+        let out = flotilla(&[
+            "run", "--image", image, "--vcpus", "2", "--nodes", nodes, "--policy", policy, "--json",
+        ]);
+        let v = json(&out);
+        assert_eq!(v["exit_code"], 0, "{nodes} node(s), {policy}: {v}");
+        let console = v["console"].as_str().unwrap_or_default();
+        assert!(
+            console.contains("vcpu 0: node 0 then node 0 of") && console.contains(vcpu1),
+            "{nodes} node(s), {policy}: {console}"
+        );
+        assert_eq!(v["checksum"], code, "{nodes} node(s), {policy}: {v}");
+    }
+    // In process, as text: the console is shown once, as the guest wrote it.
+    let out = flotilla(&["run", "--image", image, "--vcpus", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.matches("vcpu 1: node 0 then node 0 of 1").count(),
+        1,
+        "{text}"
+    );
+    assert!(text.contains("2 vCPUs on 1 node, exit code 0"), "{text}");
+    let _ = std::fs::remove_file(elf);
+}

@@ -72,6 +72,8 @@ pub fn name(call: u16) -> &'static str {
         nr::FUTEX_WAKE => "futex_wake",
         nr::YIELD => "yield",
         nr::REPORT => "report",
+        nr::NODE_ID => "node_id",
+        nr::NODE_COUNT => "node_count",
         _ => "unknown",
     }
 }
@@ -167,12 +169,24 @@ pub fn decode_out<M: GuestRead>(
 
 // The rules every engine applies when it serves a call, in one place.
 
-/// Answers an `in` hypercall (VCPU_ID, VCPU_COUNT) into `data`; `false` if `port` is
-/// not one.
-pub fn answer_in(port: u16, data: &mut [u8], vcpu: u32, vcpus: u32) -> bool {
+/// What the `in` hypercalls tell a vCPU about where it runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Whereabouts {
+    pub vcpu: u32,
+    pub vcpus: u32,
+    /// The node the vCPU runs on now.
+    pub node: u32,
+    pub nodes: u32,
+}
+
+/// Answers an `in` hypercall (VCPU_ID, VCPU_COUNT, NODE_ID, NODE_COUNT) into `data`;
+/// `false` if `port` is not one.
+pub fn answer_in(port: u16, data: &mut [u8], at: Whereabouts) -> bool {
     let value = match number(port) {
-        Some(nr::VCPU_ID) => vcpu,
-        Some(nr::VCPU_COUNT) => vcpus,
+        Some(nr::VCPU_ID) => at.vcpu,
+        Some(nr::VCPU_COUNT) => at.vcpus,
+        Some(nr::NODE_ID) => at.node,
+        Some(nr::NODE_COUNT) => at.nodes,
         _ => return false,
     };
     let n = data.len().min(4);

@@ -38,7 +38,9 @@
 #define FLOTILLA_HC_FUTEX_WAKE 0x7ULL
 #define FLOTILLA_HC_YIELD 0x8ULL
 #define FLOTILLA_HC_REPORT 0x9ULL
-#define FLOTILLA_HC_COUNT 0xaULL
+#define FLOTILLA_HC_NODE_ID 0xaULL
+#define FLOTILLA_HC_NODE_COUNT 0xbULL
+#define FLOTILLA_HC_COUNT 0xcULL
 #define FLOTILLA_CLOCK_MONOTONIC 0x4ULL
 #define FLOTILLA_EINVAL 22
 #define FLOTILLA_EAGAIN 11
@@ -158,6 +160,8 @@ static inline int64_t flotilla_write(int fd, const void *buf, uint64_t len) {
 
 static inline uint32_t flotilla_vcpu_id(void) { return flotilla_in(FLOTILLA_HC_VCPU_ID); }
 static inline uint32_t flotilla_vcpu_count(void) { return flotilla_in(FLOTILLA_HC_VCPU_COUNT); }
+static inline uint32_t flotilla_node_id(void) { return flotilla_in(FLOTILLA_HC_NODE_ID); }
+static inline uint32_t flotilla_node_count(void) { return flotilla_in(FLOTILLA_HC_NODE_COUNT); }
 
 static inline uint64_t flotilla_clock_ns(void) {
     struct flotilla_clock_args a = { .clock_id = FLOTILLA_CLOCK_MONOTONIC };

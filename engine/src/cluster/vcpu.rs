@@ -179,7 +179,13 @@ fn step(node: &Node, vcpu: &mut Vcpu, ctx: &mut Ctx, slot: &Arc<Slot>) -> Result
     let what = match exit {
         Exit::IoOut { port, data } => What::Out(port, le_value(data)),
         Exit::IoIn { port, data } => {
-            if hypercall::answer_in(port, data, id, node.vcpus) {
+            let at = hypercall::Whereabouts {
+                vcpu: id,
+                vcpus: node.vcpus,
+                node: u32::from(node.me),
+                nodes: u32::from(node.nodes),
+            };
+            if hypercall::answer_in(port, data, at) {
                 What::Nothing
             } else {
                 What::In(port)

@@ -86,8 +86,13 @@ pub mod hypercall {
     /// `out`, eax = address of [`super::ReportArgs`]. Records the guest's result value
     /// (a workload's checksum), which the engine reports.
     pub const REPORT: u16 = 9;
+    /// `in`, eax receives the id of the node the calling vCPU runs on now (0-based). A
+    /// vCPU can move between nodes, so the answer holds until its next memory access.
+    pub const NODE_ID: u16 = 10;
+    /// `in`, eax receives the number of nodes of the cluster (1 when alone).
+    pub const NODE_COUNT: u16 = 11;
     /// Number of hypercalls; ports at or above `HYPERCALL_PORT_BASE + COUNT` are not calls.
-    pub const COUNT: u16 = 10;
+    pub const COUNT: u16 = 12;
 }
 
 /// Error numbers returned (negated) in hypercall `result` fields. Same values as Linux

@@ -68,6 +68,17 @@ pub fn sys_get_processor_count() -> usize {
     in32(hypercall::VCPU_COUNT) as usize
 }
 
+/// The node the calling vCPU runs on now, `0..sys_get_node_count()`. A vCPU can move
+/// at any memory access, so this is a hint for reports and locality, not an invariant.
+pub fn sys_get_node_id() -> u32 {
+    in32(hypercall::NODE_ID)
+}
+
+/// Number of nodes of the cluster the guest runs on (1 when alone).
+pub fn sys_get_node_count() -> u32 {
+    in32(hypercall::NODE_COUNT)
+}
+
 /// Monotonic time in nanoseconds since the guest started.
 pub fn sys_clock_ns() -> u64 {
     let mut args = ClockArgs {

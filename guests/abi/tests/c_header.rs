@@ -64,6 +64,8 @@ fn render() -> String {
         ("FLOTILLA_HC_FUTEX_WAKE", hypercall::FUTEX_WAKE as u64),
         ("FLOTILLA_HC_YIELD", hypercall::YIELD as u64),
         ("FLOTILLA_HC_REPORT", hypercall::REPORT as u64),
+        ("FLOTILLA_HC_NODE_ID", hypercall::NODE_ID as u64),
+        ("FLOTILLA_HC_NODE_COUNT", hypercall::NODE_COUNT as u64),
         ("FLOTILLA_HC_COUNT", hypercall::COUNT as u64),
         ("FLOTILLA_CLOCK_MONOTONIC", CLOCK_MONOTONIC as u64),
     ];
@@ -212,6 +214,8 @@ static inline int64_t flotilla_write(int fd, const void *buf, uint64_t len) {
 
 static inline uint32_t flotilla_vcpu_id(void) { return flotilla_in(FLOTILLA_HC_VCPU_ID); }
 static inline uint32_t flotilla_vcpu_count(void) { return flotilla_in(FLOTILLA_HC_VCPU_COUNT); }
+static inline uint32_t flotilla_node_id(void) { return flotilla_in(FLOTILLA_HC_NODE_ID); }
+static inline uint32_t flotilla_node_count(void) { return flotilla_in(FLOTILLA_HC_NODE_COUNT); }
 
 static inline uint64_t flotilla_clock_ns(void) {
     struct flotilla_clock_args a = { .clock_id = FLOTILLA_CLOCK_MONOTONIC };
