@@ -104,8 +104,12 @@ impl Samples {
     }
 }
 
-/// Most samples of each kind one node sends.
-pub const MAX_SAMPLES: usize = 4096;
+/// Most samples of each kind one node sends: a `Stats` frame with every list full must
+/// fit in a frame (at 4096, the frames of a busy node did not, and shm refused them).
+pub const MAX_SAMPLES: usize = 2048;
+/// Largest `Stats` body: 8 counters, then per kind a count and its samples.
+const MAX_STATS_BYTES: usize = 64 + 4 * Samples::FIELDS.len() * (1 + MAX_SAMPLES);
+const _: () = assert!(MAX_STATS_BYTES <= MAX_BODY_BYTES);
 
 /// Every message nodes exchange.
 #[derive(Debug, Clone, PartialEq)]
@@ -584,7 +588,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
         K_EXIT => exact(4)?,
         K_FATAL => at_most(0, MAX_TEXT_BYTES)?,
         K_STOP | K_BYE | K_PING => exact(0)?,
-        K_STATS => at_most(64 + 4 * 6, 64 + 4 * 6 * (1 + MAX_SAMPLES))?,
+        K_STATS => at_most(64 + 4 * Samples::FIELDS.len(), MAX_STATS_BYTES)?,
         other => return Err(WireError::Kind(other)),
     }
     Ok(Header { kind, len })
@@ -967,6 +971,32 @@ mod tests {
             encode(&msg, &mut buf);
             assert_eq!(decode(&buf), Ok(msg.clone()), "{}", msg.name());
         }
+    }
+
+    /// The fullest `Stats` a node can send.
+    pub(crate) fn fullest_stats() -> Message {
+        let full: Vec<u32> = (0..MAX_SAMPLES as u32).collect();
+        let mut samples = Samples::default();
+        for list in samples.lists_mut() {
+            *list = full.clone();
+        }
+        Message::Stats {
+            stats: NodeStats::default(),
+            samples,
+        }
+    }
+
+    #[test]
+    fn the_fullest_stats_fits_a_frame() {
+        let msg = fullest_stats();
+        let mut buf = Vec::new();
+        encode(&msg, &mut buf);
+        assert!(
+            buf.len() - HEADER_BYTES <= MAX_BODY_BYTES,
+            "{} bytes",
+            buf.len()
+        );
+        assert_eq!(decode(&buf), Ok(msg));
     }
 
     #[test]

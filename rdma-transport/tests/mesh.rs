@@ -1,7 +1,8 @@
 //! A real TCP mesh on loopback: nodes in threads of this process, real sockets.
 
 use flotilla_transport::{
-    auth, establish, Handler, Kind, MeshConfig, Message, NodeId, TransportError,
+    auth, establish, wire, Handler, Kind, MeshConfig, Message, NodeId, NodeStats, Samples,
+    TransportError,
 };
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc::{channel, Sender};
@@ -143,5 +144,55 @@ fn what_a_peer_sent_before_it_closed_arrives_before_its_loss() {
             "{kind:?}: something after the loss"
         );
         t0.close();
+    }
+}
+
+#[test]
+fn the_fullest_stats_crosses_both_transports() {
+    // A busy node's end-of-run counters, every sample list full: larger than a frame
+    // before, so shm dropped the link and node 0 reported "no counters" from that node.
+    let full: Vec<u32> = (0..wire::MAX_SAMPLES as u32).collect();
+    let samples = Samples {
+        fault_service_us: full.clone(),
+        vcpu_move_us: full.clone(),
+        install_us: full.clone(),
+        capture_us: full.clone(),
+        restore_us: full.clone(),
+        rtt_4k_us: full,
+    };
+    let stats = Message::Stats {
+        stats: NodeStats {
+            remote_faults: 7,
+            ..Default::default()
+        },
+        samples,
+    };
+    for kind in [Kind::Shm, Kind::Tcp] {
+        let addrs = addrs(2);
+        let limit = Duration::from_secs(5);
+        let (tx0, rx0) = channel();
+        let a0 = addrs.clone();
+        let node0 = std::thread::spawn(move || {
+            establish(
+                kind,
+                &config(0, &a0, limit),
+                Arc::new(Inbox(Mutex::new(tx0))),
+            )
+        });
+        let (tx1, _rx1) = channel();
+        let t1 = establish(
+            kind,
+            &config(1, &addrs, limit),
+            Arc::new(Inbox(Mutex::new(tx1))),
+        )
+        .expect("node 1 joins");
+        let t0 = node0.join().unwrap().expect("node 0 forms the cluster");
+        t1.send(0, &stats).unwrap();
+        let (from, got) = rx0
+            .recv_timeout(Duration::from_secs(5))
+            .expect("stats arrive");
+        assert_eq!((from, &got), (1, &stats), "{kind:?}");
+        t0.close();
+        t1.close();
     }
 }
