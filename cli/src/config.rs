@@ -4,6 +4,7 @@
 use crate::sizing::{default_guest_mem, parse_size, MIN_DEFAULT_MEM_BYTES};
 use anyhow::{anyhow, bail, Context, Result};
 use flotilla_engine::cluster::{ClusterSpec, NodeSetup, RamPlacement, TraceMeta};
+use flotilla_telemetry::trace::RunMeta;
 use flotilla_transport::{Kind, MeshConfig};
 use flotilla_workloads::Workload;
 use serde::{Deserialize, Serialize};
@@ -106,6 +107,17 @@ pub fn trace_meta(file: &ClusterFile, spec: &ClusterSpec, sample_rate: u32) -> T
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64),
         sample_rate,
+        run: Some(RunMeta {
+            ram: match spec.ram {
+                RamPlacement::Contiguous => "contiguous",
+                RamPlacement::Interleave => "interleave",
+            }
+            .into(),
+            vcpu_nodes: spec.vcpu_nodes.clone(),
+            stack_bytes: spec.stack_bytes,
+            // The rest is known when the run is over: the launcher fills it in.
+            ..Default::default()
+        }),
     }
 }
 

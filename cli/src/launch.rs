@@ -13,7 +13,7 @@ use crate::config::{self, ClusterFile, SecretSource};
 use crate::node::ObserveArgs;
 use crate::report::{Reported, RESULT_PREFIX};
 use anyhow::{anyhow, bail, Context, Result};
-use flotilla_engine::cluster::monotonic_ns;
+use flotilla_engine::cluster::{monotonic_ns, quantile};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener};
@@ -365,29 +365,69 @@ fn launch_caught(l: &Launch) -> Result<Reported> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    let clean = children
-        .iter_mut()
-        .all(|c| matches!(c.try_wait(), Ok(Some(s)) if s.success()));
     kill_all(&mut children);
     if let Some(sig) = StopSignals::caught() {
         bail!("stopped by signal {sig}");
     }
     if let Some(path) = &l.observe.trace {
-        if !clean {
-            bail!("a node did not end cleanly; its trace is incomplete, so none was written");
-        }
         let parts: Vec<PathBuf> = (0..l.nodes).filter_map(part).collect();
-        reported.trace_events = Some(merge_trace(&parts, path)?);
+        // A failed run's trace is kept too (that is when it is wanted most), marked as
+        // such, with the parts of nodes that died named as missing.
+        match merge_trace(&parts, path, &reported) {
+            Ok(n) => reported.trace_events = Some(n),
+            Err(e) => reported.trace_error = Some(format!("{e:#}")),
+        }
     }
     Ok(reported)
 }
 
-/// Merges the nodes' trace parts into `path`; returns the number of events.
-fn merge_trace(parts: &[PathBuf], path: &Path) -> Result<u64> {
-    let meta = flotilla_telemetry::trace::read_file(&parts[0])
-        .with_context(|| "node 0's trace")?
-        .meta;
-    let trace = flotilla_telemetry::trace::merge(meta, parts)?;
+/// Merges the nodes' trace parts into `path`, with what the run's end taught (outcome,
+/// measured costs, CPU sets) in its run metadata; returns the number of events.
+fn merge_trace(parts: &[PathBuf], path: &Path, reported: &Reported) -> Result<u64> {
+    use flotilla_telemetry::trace::{self, Costs, Outcome};
+    let mut read = Vec::new();
+    let mut missing = Vec::new();
+    for (k, p) in parts.iter().enumerate() {
+        match trace::read_file(p) {
+            Ok(t) => read.push((k as u16, format!("node {k}'s trace"), t)),
+            Err(e) => {
+                tracing::warn!(node = k, error = %e, "node's trace part unreadable; the trace leaves it out");
+                missing.push(k as u16);
+            }
+        }
+    }
+    let Some((_, _, first)) = read.first() else {
+        bail!("no node left a readable trace part");
+    };
+    let mut meta = first.meta.clone();
+    let mut run = meta.run.take().unwrap_or_default();
+    let mut samples = reported.samples.clone();
+    let p50_ns = |list: &mut Vec<u32>| u64::from(quantile(list, 0.5)) * 1000;
+    run.costs = Costs {
+        rtt_4k_ns: p50_ns(&mut samples.rtt_4k_us),
+        install_ns: p50_ns(&mut samples.install_us),
+        capture_ns: p50_ns(&mut samples.capture_us),
+        restore_ns: p50_ns(&mut samples.restore_us),
+        fault_service_ns: p50_ns(&mut samples.fault_service_us),
+        vcpu_move_ns: p50_ns(&mut samples.vcpu_move_us),
+    };
+    match &reported.result {
+        Ok(code) => run.exit_code = *code,
+        Err(e) => {
+            run.outcome = Outcome::Failed;
+            run.error = e.clone();
+        }
+    }
+    run.cpu_sets = reported
+        .cpu_sets
+        .iter()
+        .flatten()
+        .map(|set| set.iter().map(|&c| c as u16).collect())
+        .collect();
+    run.missing_nodes = missing;
+    run.wall_ns = (reported.wall_ms * 1e6) as u64;
+    meta.run = Some(run);
+    let trace = trace::merge_parts(meta, read)?;
     // Written beside the target (same extension, so .gz compresses), then renamed: a
     // failure never leaves half a file under the name asked for.
     let name = path

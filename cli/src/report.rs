@@ -30,6 +30,8 @@ pub struct Reported {
     pub samples: Samples,
     /// Events in the merged trace, if one was recorded.
     pub trace_events: Option<u64>,
+    /// Why the trace asked for was not written.
+    pub trace_error: Option<String>,
     /// The CPUs each node was confined to (`--cpus-per-node`), by node.
     pub cpu_sets: Option<Vec<Vec<usize>>>,
 }
@@ -47,6 +49,7 @@ impl Reported {
             per_node: vec![None; nodes as usize],
             samples: Samples::default(),
             trace_events: None,
+            trace_error: None,
             cpu_sets: None,
         }
     }
@@ -62,6 +65,7 @@ impl Reported {
             per_node: o.per_node,
             samples: o.samples,
             trace_events: None,
+            trace_error: None,
             cpu_sets: None,
         }
     }
@@ -139,6 +143,7 @@ impl Reported {
             per_node,
             samples,
             trace_events: None,
+            trace_error: None,
             cpu_sets: None,
         })
     }
@@ -280,6 +285,7 @@ pub fn summary(info: &RunInfo, r: &Reported, reference: Option<u64>) -> Value {
         "console": r.console,
         "console_truncated": r.console_truncated,
         "trace_events": r.trace_events,
+        "trace_error": r.trace_error,
         "cpu_sets": r.cpu_sets,
     });
     if let Err(e) = &r.result {

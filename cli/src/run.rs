@@ -245,10 +245,18 @@ fn show(
     crate::say_out(&reported.console);
     crate::say_out(&report::text(info, reported, reference));
     if let (Some(n), Some(path)) = (reported.trace_events, &args.observe.trace) {
+        let of = if reported.result.is_err() {
+            " (marked as a failed run)"
+        } else {
+            ""
+        };
         crate::say(&format!(
-            "  trace: {n} events written to {}",
+            "  trace: {n} events written to {}{of}",
             path.display()
         ));
+    }
+    if let Some(e) = &reported.trace_error {
+        crate::say(&format!("  trace: not written: {e}"));
     }
     if let Some((_, line)) = &demo {
         crate::say(line);
@@ -346,7 +354,8 @@ fn launch_of(args: &RunArgs, plan: &Plan) -> Launch {
         vcpu_nodes: (!args.vcpu_nodes.is_empty()).then(|| args.vcpu_nodes.clone()),
         ram: args.ram.clone(),
         timeout: plan.config.timeout,
-        echo_rounds: 0,
+        // A trace carries the bare round trip, so a simulator can be calibrated from it.
+        echo_rounds: if args.observe.trace.is_some() { 32 } else { 0 },
         cpus_per_node: args.cpus_per_node,
         observe: args.observe.clone(),
         inject_health: args.inject_health.clone(),

@@ -38,7 +38,8 @@ __all__ = [
 ]
 
 MAGIC = b"FLOTRACE"
-VERSION = 1
+VERSION = 2  # the version writers produce
+OLDEST_VERSION = 1  # the oldest version readers accept
 HEADER_BYTES = 16
 BLOCK_HEADER_BYTES = 16
 MAX_BLOCK_BYTES = 16 << 20
@@ -48,6 +49,7 @@ BLOCK_EVENTS = 16384  # events per block the writers emit (not a reader limit)
 BLOCK_META = 1
 BLOCK_EVENTS_KIND = 2
 BLOCK_END = 3
+BLOCK_RUN = 4  # version 2: initial placement, measured costs, outcome
 
 NONE16 = 0xFFFF
 
@@ -113,7 +115,31 @@ _META_ALIGN = 8
 _META_TEXT = ("workload", "args", "image", "policy", "transport", "engine_version", "host")
 _META_TEXT_AT = 36  # offset of the first ArchivedVec<u8> in the record
 
-assert _EVENT.size == 40 and _VEC.size == 8 and _META.size == 96
+# ArchivedRunRecord (version 2): 136 bytes, align 8.
+_RUN = struct.Struct("<10QiB3x" + "iI" * 6)
+_RUN_ALIGN = 8
+_RUN_NUMBERS = (
+    "stack_bytes",
+    "link_delay_ns",
+    "touch_epoch_ns",
+    "wall_ns",
+    "rtt_4k_ns",
+    "install_ns",
+    "capture_ns",
+    "restore_ns",
+    "fault_service_ns",
+    "vcpu_move_ns",
+    "exit_code",
+    "outcome",
+)
+_RUN_COSTS = _RUN_NUMBERS[4:10]
+_RUN_VECS_AT = 88  # offset of the first ArchivedVec in the record
+# (name, element size): ram and error are UTF-8 bytes, the rest u16 lists.
+_RUN_VECS = (("ram", 1), ("error", 1), ("vcpu_nodes", 2), ("missing_nodes", 2),
+             ("cpu_counts", 2), ("cpus", 2))
+OUTCOMES = ("completed", "failed")
+
+assert _EVENT.size == 40 and _VEC.size == 8 and _META.size == 96 and _RUN.size == 136
 
 
 class TraceError(ValueError):
@@ -253,6 +279,79 @@ def _meta_record(payload: bytes) -> dict:
     return meta, texts
 
 
+def _run_record(payload: bytes, nodes: int, vcpus: int) -> dict:
+    """The run block's record, checked as the Rust reader checks it (`run_meta`)."""
+    size = len(payload)
+    if size < _RUN.size:
+        raise ValueError(f"{size} bytes, smaller than the {_RUN.size}-byte root")
+    root = size - _RUN.size
+    if root % _RUN_ALIGN:
+        raise ValueError(f"root at offset {root} is not aligned to {_RUN_ALIGN}")
+    v = _RUN.unpack_from(payload, root)
+    raw = dict(zip(_RUN_NUMBERS, v))
+    lists = {}
+    cursor = 0
+    for i, (name, elem) in enumerate(_RUN_VECS):
+        start, length, end = _claim(
+            payload, root + _RUN_VECS_AT + 8 * i, cursor, root, elem, elem, f"run field {name}"
+        )
+        chunk = payload[start:end]
+        lists[name] = chunk if elem == 1 else list(struct.unpack(f"<{length}H", chunk))
+        cursor = end
+    return raw, lists
+
+
+def _run_meta(raw: dict, lists: dict, nodes: int, vcpus: int) -> dict:
+    """Raises ValueError with the Rust reader's words for a run record it would reject."""
+    if raw["outcome"] >= len(OUTCOMES):
+        raise ValueError(f"unknown outcome {raw['outcome']}")
+    outcome = OUTCOMES[raw["outcome"]]
+    try:
+        ram = lists["ram"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("ram is not UTF-8") from None
+    if ram not in ("contiguous", "interleave"):
+        raise ValueError(f"RAM layout {ram!r} is neither contiguous nor interleave")
+    try:
+        error = lists["error"].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("error is not UTF-8") from None
+    if (outcome == "failed") == (error == ""):
+        raise ValueError("an error text goes with a failed run, and only with one")
+    vcpu_nodes = lists["vcpu_nodes"]
+    if len(vcpu_nodes) != vcpus:
+        raise ValueError(f"{len(vcpu_nodes)} starting nodes for {vcpus} vCPUs")
+    for n in vcpu_nodes:
+        if n >= nodes:
+            raise ValueError(f"a vCPU starts on node {n}, but the run has {nodes} nodes")
+    missing = lists["missing_nodes"]
+    if any(a >= b for a, b in zip(missing, missing[1:])) or (missing and missing[-1] >= nodes):
+        raise ValueError(f"missing nodes {missing} are not distinct nodes of {nodes} in order")
+    counts, cpus = lists["cpu_counts"], lists["cpus"]
+    if counts and len(counts) != nodes:
+        raise ValueError(f"CPU sets for {len(counts)} nodes of {nodes}")
+    if sum(counts) != len(cpus):
+        raise ValueError(f"CPU sets count {sum(counts)} CPUs but list {len(cpus)}")
+    cpu_sets, at = [], 0
+    for c in counts:
+        cpu_sets.append(cpus[at : at + c])
+        at += c
+    return {
+        "ram": ram,
+        "vcpu_nodes": vcpu_nodes,
+        "stack_bytes": raw["stack_bytes"],
+        "cpu_sets": cpu_sets,
+        "link_delay_ns": raw["link_delay_ns"],
+        "touch_epoch_ns": raw["touch_epoch_ns"],
+        "costs": {k: raw[k] for k in _RUN_COSTS},
+        "outcome": outcome,
+        "exit_code": raw["exit_code"],
+        "error": error,
+        "missing_nodes": missing,
+        "wall_ns": raw["wall_ns"],
+    }
+
+
 def _event_block(payload: bytes):
     size = len(payload)
     if size < _VEC.size:
@@ -276,7 +375,10 @@ def read(path) -> tuple[dict, list[dict]]:
 
     Returns (meta, events): `meta` has the keys workload, args, image, policy, transport,
     engine_version, host (str) and nodes, vcpus, mem_bytes, seed, started_unix_ms,
-    sample_rate (int); each event is a dict of the raw fields t_ns, page, rip, service_ns,
+    sample_rate (int), and run: None for a version 1 file, else a dict with ram,
+    vcpu_nodes, stack_bytes, cpu_sets, link_delay_ns, touch_epoch_ns, costs (a dict of
+    medians in ns), outcome ("completed" or "failed"), exit_code, error, missing_nodes,
+    wall_ns; each event is a dict of the raw fields t_ns, page, rip, service_ns,
     vcpu, node, peer, replicas, kind, access, decision, flags (int; 0xFFFF = none).
     """
     with open(path, "rb") as f:
@@ -295,7 +397,7 @@ def _parse(data: bytes) -> tuple[dict, list[dict]]:
     if n < HEADER_BYTES:
         raise _truncated(f"{n} bytes, shorter than the file header")
     _, version, header_len, reserved = _FILE_HEADER.unpack_from(data, 0)
-    if version != VERSION:
+    if not OLDEST_VERSION <= version <= VERSION:
         raise VersionError(f"trace format version {version}; this build reads version {VERSION}")
     if header_len != HEADER_BYTES or reserved != 0:
         raise _corrupt("file header: bad header length or reserved bytes")
@@ -317,7 +419,7 @@ def _parse(data: bytes) -> tuple[dict, list[dict]]:
         def corrupt(what: str, index=index, at=at) -> CorruptError:
             return _corrupt(f"block {index} at byte {at}: {what}")
 
-        if not BLOCK_META <= kind <= BLOCK_END:
+        if not BLOCK_META <= kind <= BLOCK_RUN or (kind == BLOCK_RUN and version < 2):
             raise corrupt(f"unknown block kind {kind}")
         if length > MAX_BLOCK_BYTES:
             raise corrupt(f"payload of {length} bytes exceeds {MAX_BLOCK_BYTES}")
@@ -350,8 +452,22 @@ def _parse(data: bytes) -> tuple[dict, list[dict]]:
                 raise corrupt(f"metadata says {m['nodes']} nodes and {m['vcpus']} vCPUs")
             meta = {k: m[k] for k in (*_META_TEXT, "nodes", "vcpus", "mem_bytes", "seed",
                                       "started_unix_ms", "sample_rate")}
+            meta["run"] = None
         elif meta is None:
             raise corrupt("the first block is not the metadata")
+        elif kind == BLOCK_RUN:
+            if index != 1:
+                raise corrupt("the run block is not the second block")
+            try:
+                raw, lists = _run_record(payload, meta["nodes"], meta["vcpus"])
+            except ValueError as e:
+                raise corrupt(f"run archive: {e}") from None
+            try:
+                meta["run"] = _run_meta(raw, lists, meta["nodes"], meta["vcpus"])
+            except ValueError as e:
+                raise corrupt(f"run metadata: {e}") from None
+        elif version >= 2 and index == 1:
+            raise corrupt("the second block is not the run block")
         elif kind == BLOCK_EVENTS_KIND:
             try:
                 first, held, end = _event_block(payload)

@@ -8,7 +8,9 @@
 //!   a *bounce* is a transfer back to the node that owned the page two transfers
 //!   before (A → B → A); a page with at least [`PING_PONG_BOUNCES`] bounces ping-pongs.
 
-use crate::trace::{Event, EventKind, Trace, ACCESS_WRITE, DECISION_MOVE_PAGE, DECISION_MOVE_VCPU};
+use crate::trace::{
+    Event, EventKind, Outcome, Trace, ACCESS_WRITE, DECISION_MOVE_PAGE, DECISION_MOVE_VCPU,
+};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
@@ -24,6 +26,12 @@ pub struct Summary {
     pub nodes: u16,
     pub vcpus: u32,
     pub sample_rate: u32,
+    /// "completed", "failed", or "unknown" (a version 1 trace).
+    pub outcome: String,
+    /// Why a failed run failed.
+    pub error: String,
+    /// Nodes whose events the trace lacks.
+    pub missing_nodes: Vec<u16>,
     pub events: u64,
     /// From the first to the last event.
     pub span_ms: f64,
@@ -243,6 +251,18 @@ pub fn summarize(t: &Trace) -> Summary {
         nodes: m.nodes,
         vcpus: m.vcpus,
         sample_rate: m.sample_rate,
+        outcome: match m.run.as_ref().map(|r| r.outcome) {
+            Some(Outcome::Completed) => "completed",
+            Some(Outcome::Failed) => "failed",
+            None => "unknown",
+        }
+        .into(),
+        error: m.run.as_ref().map(|r| r.error.clone()).unwrap_or_default(),
+        missing_nodes: m
+            .run
+            .as_ref()
+            .map(|r| r.missing_nodes.clone())
+            .unwrap_or_default(),
         events: t.events.len() as u64,
         span_ms,
         by_kind,
@@ -294,6 +314,16 @@ pub fn render(s: &Summary) -> String {
     );
     let kinds: Vec<String> = s.by_kind.iter().map(|(k, v)| format!("{k} {v}")).collect();
     let _ = writeln!(o, "events: {}", kinds.join(", "));
+    if s.outcome == "failed" {
+        let _ = writeln!(o, "the run failed: {}", s.error);
+    }
+    if !s.missing_nodes.is_empty() {
+        let _ = writeln!(
+            o,
+            "incomplete: no events from node(s) {:?} (their part of the trace was lost)",
+            s.missing_nodes
+        );
+    }
     let _ = writeln!(o, "\nnode  faults  (read/write)  move-page  move-vcpu  pages in/out  vcpus in/out  inval  samples  service p50/p99 us");
     let us = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
     for n in &s.per_node {

@@ -5,12 +5,14 @@
 //! ```text
 //! file   = header block* ; header = "FLOTRACE" u16:version u16:16 u32:0
 //! block  = u32:kind u32:payload_len u32:crc32(payload) u32:count payload zero-pad-to-16
-//! kinds  = 1 metadata (first, once) | 2 events (any number) | 3 end (last; count = events)
+//! kinds  = 1 metadata (first, once) | 4 run (version 2: second, once)
+//!        | 2 events (any number) | 3 end (last; count = events)
 //! payload = an rkyv 0.8 archive (little-endian, aligned, 32-bit offsets)
 //! ```
 //!
 //! Reading validates everything (magic, version, block framing, checksums, the rkyv
-//! archive, every enumerated field, the end marker) and names what is wrong. Files that
+//! archive, every enumerated field, the end marker) and names what is wrong. Version 1
+//! files (no run block) still read, with [`TraceMeta::run`] `None`. Files that
 //! start with the gzip magic are decompressed first, so `datasets/*.ftrace.gz` read as is.
 
 use rkyv::rancor;
@@ -18,7 +20,10 @@ use std::io::{Read, Write};
 use std::path::Path;
 
 pub const MAGIC: [u8; 8] = *b"FLOTRACE";
-pub const VERSION: u16 = 1;
+/// The version writers produce.
+pub const VERSION: u16 = 2;
+/// The oldest version readers accept.
+pub const OLDEST_VERSION: u16 = 1;
 pub const HEADER_BYTES: usize = 16;
 pub const BLOCK_HEADER_BYTES: usize = 16;
 /// Largest payload a block may have.
@@ -32,6 +37,8 @@ pub const BLOCK_EVENTS: usize = 16384;
 pub const BLOCK_META: u32 = 1;
 pub const BLOCK_EVENTS_KIND: u32 = 2;
 pub const BLOCK_END: u32 = 3;
+/// Version 2: how the run was laid out, what its mechanisms cost, how it ended.
+pub const BLOCK_RUN: u32 = 4;
 
 /// `vcpu`, `peer` or `replicas` not known or not applicable.
 pub const NONE16: u16 = u16::MAX;
@@ -184,6 +191,67 @@ pub struct TraceMeta {
     pub started_unix_ms: u64,
     /// Sampled access tracking: pages armed per second per node (0 = off).
     pub sample_rate: u32,
+    /// Version 2's run block; `None` in a version 1 file.
+    pub run: Option<RunMeta>,
+}
+
+/// How a recorded run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Outcome {
+    /// The guest ended (with any exit code).
+    #[default]
+    Completed,
+    /// The run ended in an error (`RunMeta::error` says which); the events stop there.
+    Failed,
+}
+
+/// The engine's measured costs in a run: medians, in nanoseconds (the engine samples in
+/// whole microseconds), 0 where the run measured none. With these a simulator can be
+/// calibrated from the trace alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Costs {
+    /// A bare 4 KiB request and response on the transport.
+    pub rtt_4k_ns: u64,
+    /// Installing a page that is here but not yet mapped (trap and map).
+    pub install_ns: u64,
+    /// Capturing a vCPU's state (source side of a move).
+    pub capture_ns: u64,
+    /// Restoring a vCPU's state (destination side of a move).
+    pub restore_ns: u64,
+    /// A remote fault served by moving the page: fault exit to re-entry.
+    pub fault_service_ns: u64,
+    /// A vCPU move: fault exit on the source to re-entry on the destination.
+    pub vcpu_move_ns: u64,
+}
+
+/// What version 2 adds to a trace's metadata: the initial placement and cluster shape,
+/// the measured costs, and how the run ended.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RunMeta {
+    /// Initial spread of guest RAM: "contiguous" or "interleave".
+    pub ram: String,
+    /// Each vCPU's starting node (one entry per vCPU).
+    pub vcpu_nodes: Vec<u16>,
+    /// Bytes of each vCPU's stack (stacks start on, and are homed on, its first node).
+    pub stack_bytes: u64,
+    /// The CPUs each node was confined to, by node; empty when nodes were not pinned.
+    pub cpu_sets: Vec<Vec<u16>>,
+    /// Emulated one-way link delay added by the transport (0 = none).
+    pub link_delay_ns: u64,
+    /// Reference-stream recording: the epoch in which each vCPU's distinct pages are
+    /// recorded (0 = faults only).
+    pub touch_epoch_ns: u64,
+    pub costs: Costs,
+    pub outcome: Outcome,
+    /// The guest's exit code (0 when the run failed).
+    pub exit_code: i32,
+    /// Why the run failed ("" when it completed).
+    pub error: String,
+    /// Nodes whose events are missing (their part of the trace could not be read: the
+    /// node died or was killed). Events of the other nodes are complete.
+    pub missing_nodes: Vec<u16>,
+    /// The run's wall time.
+    pub wall_ns: u64,
 }
 
 /// The archived form of [`TraceMeta`]: text as UTF-8 byte vectors, so the layout stays
@@ -203,6 +271,142 @@ struct MetaRecord {
     transport: Vec<u8>,
     engine_version: Vec<u8>,
     host: Vec<u8>,
+}
+
+/// The archived form of [`RunMeta`] (docs/trace-format.md, "Run payload").
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct RunRecord {
+    stack_bytes: u64,
+    link_delay_ns: u64,
+    touch_epoch_ns: u64,
+    wall_ns: u64,
+    rtt_4k_ns: u64,
+    install_ns: u64,
+    capture_ns: u64,
+    restore_ns: u64,
+    fault_service_ns: u64,
+    vcpu_move_ns: u64,
+    exit_code: i32,
+    outcome: u8,
+    ram: Vec<u8>,
+    error: Vec<u8>,
+    vcpu_nodes: Vec<u16>,
+    missing_nodes: Vec<u16>,
+    /// CPUs in each node's set, by node (empty: not pinned).
+    cpu_counts: Vec<u16>,
+    /// The sets, one after another.
+    cpus: Vec<u16>,
+}
+
+fn run_record(r: &RunMeta) -> RunRecord {
+    let c = &r.costs;
+    RunRecord {
+        stack_bytes: r.stack_bytes,
+        link_delay_ns: r.link_delay_ns,
+        touch_epoch_ns: r.touch_epoch_ns,
+        wall_ns: r.wall_ns,
+        rtt_4k_ns: c.rtt_4k_ns,
+        install_ns: c.install_ns,
+        capture_ns: c.capture_ns,
+        restore_ns: c.restore_ns,
+        fault_service_ns: c.fault_service_ns,
+        vcpu_move_ns: c.vcpu_move_ns,
+        exit_code: r.exit_code,
+        outcome: match r.outcome {
+            Outcome::Completed => 0,
+            Outcome::Failed => 1,
+        },
+        ram: r.ram.as_bytes().to_vec(),
+        error: r.error.as_bytes().to_vec(),
+        vcpu_nodes: r.vcpu_nodes.clone(),
+        missing_nodes: r.missing_nodes.clone(),
+        cpu_counts: r.cpu_sets.iter().map(|s| s.len() as u16).collect(),
+        cpus: r.cpu_sets.iter().flatten().copied().collect(),
+    }
+}
+
+/// Reads and checks a run record against the metadata's shape.
+fn run_meta(r: &ArchivedRunRecord, nodes: u16, vcpus: u32) -> Result<RunMeta, String> {
+    let list = |v: &rkyv::vec::ArchivedVec<rkyv::rend::u16_le>| -> Vec<u16> {
+        v.iter().map(|x| x.to_native()).collect()
+    };
+    let utf8 = |field: &str, v: &rkyv::vec::ArchivedVec<u8>| {
+        String::from_utf8(v.as_slice().to_vec()).map_err(|_| format!("{field} is not UTF-8"))
+    };
+    let outcome = match r.outcome {
+        0 => Outcome::Completed,
+        1 => Outcome::Failed,
+        o => return Err(format!("unknown outcome {o}")),
+    };
+    let ram = utf8("ram", &r.ram)?;
+    if ram != "contiguous" && ram != "interleave" {
+        return Err(format!(
+            "RAM layout {ram:?} is neither contiguous nor interleave"
+        ));
+    }
+    let error = utf8("error", &r.error)?;
+    if (outcome == Outcome::Failed) == error.is_empty() {
+        return Err("an error text goes with a failed run, and only with one".into());
+    }
+    let vcpu_nodes = list(&r.vcpu_nodes);
+    if vcpu_nodes.len() != vcpus as usize {
+        return Err(format!(
+            "{} starting nodes for {vcpus} vCPUs",
+            vcpu_nodes.len()
+        ));
+    }
+    if let Some(n) = vcpu_nodes.iter().find(|&&n| n >= nodes) {
+        return Err(format!(
+            "a vCPU starts on node {n}, but the run has {nodes} nodes"
+        ));
+    }
+    let missing_nodes = list(&r.missing_nodes);
+    if missing_nodes.windows(2).any(|w| w[0] >= w[1])
+        || missing_nodes.last().is_some_and(|&n| n >= nodes)
+    {
+        return Err(format!(
+            "missing nodes {missing_nodes:?} are not distinct nodes of {nodes} in order"
+        ));
+    }
+    let counts = list(&r.cpu_counts);
+    let cpus = list(&r.cpus);
+    if !(counts.is_empty() || counts.len() == nodes as usize) {
+        return Err(format!("CPU sets for {} nodes of {nodes}", counts.len()));
+    }
+    if counts.iter().map(|&c| c as usize).sum::<usize>() != cpus.len() {
+        return Err(format!(
+            "CPU sets count {} CPUs but list {}",
+            counts.iter().map(|&c| c as usize).sum::<usize>(),
+            cpus.len()
+        ));
+    }
+    let mut cpu_sets = Vec::new();
+    let mut at = 0;
+    for &c in &counts {
+        cpu_sets.push(cpus[at..at + c as usize].to_vec());
+        at += c as usize;
+    }
+    Ok(RunMeta {
+        ram,
+        vcpu_nodes,
+        stack_bytes: r.stack_bytes.to_native(),
+        cpu_sets,
+        link_delay_ns: r.link_delay_ns.to_native(),
+        touch_epoch_ns: r.touch_epoch_ns.to_native(),
+        costs: Costs {
+            rtt_4k_ns: r.rtt_4k_ns.to_native(),
+            install_ns: r.install_ns.to_native(),
+            capture_ns: r.capture_ns.to_native(),
+            restore_ns: r.restore_ns.to_native(),
+            fault_service_ns: r.fault_service_ns.to_native(),
+            vcpu_move_ns: r.vcpu_move_ns.to_native(),
+        },
+        outcome,
+        exit_code: r.exit_code.to_native(),
+        error,
+        missing_nodes,
+        wall_ns: r.wall_ns.to_native(),
+    })
 }
 
 /// A whole trace in memory.
@@ -277,6 +481,15 @@ impl<W: Write> TraceWriter<W> {
         let payload =
             rkyv::to_bytes::<rancor::Error>(&meta_record(meta)).map_err(std::io::Error::other)?;
         write_block(&mut out, BLOCK_META, &payload, 0)?;
+        let run = meta.run.clone().unwrap_or_else(|| RunMeta {
+            ram: "contiguous".into(),
+            vcpu_nodes: vec![0; meta.vcpus as usize],
+            ..Default::default()
+        });
+        run_meta_ok(&run, meta.nodes, meta.vcpus)?;
+        let payload =
+            rkyv::to_bytes::<rancor::Error>(&run_record(&run)).map_err(std::io::Error::other)?;
+        write_block(&mut out, BLOCK_RUN, &payload, 0)?;
         Ok(TraceWriter {
             out,
             events: 0,
@@ -322,6 +535,20 @@ impl<W: Write> TraceWriter<W> {
         self.out.flush()?;
         Ok(self.out)
     }
+}
+
+/// Refuses to write a run block a reader would reject.
+fn run_meta_ok(run: &RunMeta, nodes: u16, vcpus: u32) -> std::io::Result<()> {
+    let payload =
+        rkyv::to_bytes::<rancor::Error>(&run_record(run)).map_err(std::io::Error::other)?;
+    let r = rkyv::access::<ArchivedRunRecord, rancor::Error>(&payload)
+        .map_err(std::io::Error::other)?;
+    run_meta(r, nodes, vcpus).map(|_| ()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("run metadata: {e}"),
+        )
+    })
 }
 
 fn write_block(out: &mut impl Write, kind: u32, payload: &[u8], count: u32) -> std::io::Result<()> {
@@ -444,7 +671,7 @@ fn parse(bytes: &[u8]) -> Result<Trace, TraceError> {
     }
     let u16_at = |o: usize| u16::from_le_bytes([bytes[o], bytes[o + 1]]);
     let version = u16_at(8);
-    if version != VERSION {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
         return Err(TraceError::Version { found: version });
     }
     if u16_at(10) as usize != HEADER_BYTES || bytes[12..16] != [0; 4] {
@@ -473,7 +700,7 @@ fn parse(bytes: &[u8]) -> Result<Trace, TraceError> {
         let (kind, len, crc, count) = (word(0), word(4), word(8), word(12));
         let corrupt =
             |what: String| TraceError::Corrupt(format!("block {index} at byte {at}: {what}"));
-        if !(BLOCK_META..=BLOCK_END).contains(&kind) {
+        if !(BLOCK_META..=BLOCK_RUN).contains(&kind) || (kind == BLOCK_RUN && version < 2) {
             return Err(corrupt(format!("unknown block kind {kind}")));
         }
         if len > MAX_BLOCK_BYTES {
@@ -520,6 +747,7 @@ fn parse(bytes: &[u8]) -> Result<Trace, TraceError> {
                     seed: r.seed.to_native(),
                     started_unix_ms: r.started_unix_ms.to_native(),
                     sample_rate: r.sample_rate.to_native(),
+                    run: None,
                 };
                 if m.nodes == 0 || m.vcpus == 0 {
                     return Err(corrupt(format!(
@@ -531,6 +759,21 @@ fn parse(bytes: &[u8]) -> Result<Trace, TraceError> {
             }
             (BLOCK_META, Some(_)) => return Err(corrupt("a second metadata block".into())),
             (_, None) => return Err(corrupt("the first block is not the metadata".into())),
+            (BLOCK_RUN, Some(m)) => {
+                if index != 1 {
+                    return Err(corrupt("the run block is not the second block".into()));
+                }
+                let r = rkyv::access::<ArchivedRunRecord, rancor::Error>(&aligned)
+                    .map_err(|e| corrupt(format!("run archive: {e}")))?;
+                let run = run_meta(r, m.nodes, m.vcpus)
+                    .map_err(|e| corrupt(format!("run metadata: {e}")))?;
+                if let Some(m) = meta.as_mut() {
+                    m.run = Some(run);
+                }
+            }
+            (_, Some(_)) if version >= 2 && index == 1 => {
+                return Err(corrupt("the second block is not the run block".into()))
+            }
             (BLOCK_EVENTS_KIND, Some(m)) => {
                 let b = rkyv::access::<ArchivedEventBlock, rancor::Error>(&aligned)
                     .map_err(|e| corrupt(format!("event archive: {e}")))?;
@@ -610,24 +853,30 @@ pub fn write_file(path: &Path, trace: &Trace) -> Result<u64, TraceError> {
 /// Merges per-node trace files (part `k` recorded by node `k`) into one trace under
 /// `meta`, events ordered by time.
 pub fn merge(meta: TraceMeta, parts: &[impl AsRef<Path>]) -> Result<Trace, TraceError> {
-    let mut events = Vec::new();
+    let mut read = Vec::new();
     for (k, p) in parts.iter().enumerate() {
         let p = p.as_ref();
         let t = read_file(p).map_err(|e| TraceError::Invalid(format!("{}: {e}", p.display())))?;
+        read.push((k as u16, p.display().to_string(), t));
+    }
+    merge_parts(meta, read)
+}
+
+/// Merges traces already read: `(node, name, trace)`, where `name` names the part in
+/// errors and the trace holds only `node`'s events. Nodes may be missing (say so in
+/// `meta.run`'s `missing_nodes`).
+pub fn merge_parts(meta: TraceMeta, parts: Vec<(u16, String, Trace)>) -> Result<Trace, TraceError> {
+    let mut events = Vec::new();
+    for (k, name, t) in parts {
         if t.meta.nodes != meta.nodes || t.meta.vcpus != meta.vcpus {
             return Err(TraceError::Invalid(format!(
-                "{}: recorded on {} nodes and {} vCPUs, not {} and {}",
-                p.display(),
-                t.meta.nodes,
-                t.meta.vcpus,
-                meta.nodes,
-                meta.vcpus
+                "{name}: recorded on {} nodes and {} vCPUs, not {} and {}",
+                t.meta.nodes, t.meta.vcpus, meta.nodes, meta.vcpus
             )));
         }
-        if let Some(e) = t.events.iter().find(|e| e.node as usize != k) {
+        if let Some(e) = t.events.iter().find(|e| e.node != k) {
             return Err(TraceError::Invalid(format!(
-                "{}: holds an event of node {}, but it is node {k}'s part",
-                p.display(),
+                "{name}: holds an event of node {}, but it is node {k}'s part",
                 e.node
             )));
         }
@@ -656,6 +905,27 @@ mod tests {
             seed: 7,
             started_unix_ms: 1_700_000_000_000,
             sample_rate: 1000,
+            run: Some(RunMeta {
+                ram: "interleave".into(),
+                vcpu_nodes: vec![0, 1, 0, 1],
+                stack_bytes: 256 << 10,
+                cpu_sets: vec![vec![0], vec![1]],
+                link_delay_ns: 15_000,
+                touch_epoch_ns: 1_000_000,
+                costs: Costs {
+                    rtt_4k_ns: 64_000,
+                    install_ns: 7_000,
+                    capture_ns: 20_000,
+                    restore_ns: 30_000,
+                    fault_service_ns: 110_000,
+                    vcpu_move_ns: 240_000,
+                },
+                outcome: Outcome::Failed,
+                exit_code: 0,
+                error: "vCPU 1: triple fault".into(),
+                missing_nodes: vec![1],
+                wall_ns: 123_456_789,
+            }),
         };
         let events = (0..40_000u64)
             .map(|i| Event {
@@ -696,6 +966,69 @@ mod tests {
             assert_eq!(read_file(&p).unwrap(), t);
         }
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The same trace in format version 1: no run block.
+    fn as_version_1(v2: &[u8]) -> Vec<u8> {
+        let block_len = |at: usize| {
+            let len = u32::from_le_bytes(v2[at + 4..at + 8].try_into().unwrap()) as usize;
+            BLOCK_HEADER_BYTES + len.next_multiple_of(16)
+        };
+        let meta_end = HEADER_BYTES + block_len(HEADER_BYTES);
+        assert_eq!(v2[meta_end], BLOCK_RUN as u8);
+        let run_end = meta_end + block_len(meta_end);
+        let mut v1 = v2[..meta_end].to_vec();
+        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
+        v1.extend_from_slice(&v2[run_end..]);
+        v1
+    }
+
+    #[test]
+    fn version_1_files_still_read_and_version_2_needs_its_run_block() {
+        let t = sample_trace();
+        let v1 = as_version_1(&encode(&t));
+        let read = read_bytes(&v1).unwrap();
+        assert_eq!(read.meta.run, None);
+        assert_eq!(read.events, t.events);
+        // A version 2 header on a file without a run block is refused.
+        let mut bad = v1.clone();
+        bad[8..10].copy_from_slice(&2u16.to_le_bytes());
+        let e = read_bytes(&bad).unwrap_err().to_string();
+        assert!(e.contains("the second block is not the run block"), "{e}");
+        // A run block in a version 1 file is refused.
+        let mut bad = encode(&t);
+        bad[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let e = read_bytes(&bad).unwrap_err().to_string();
+        assert!(e.contains("unknown block kind 4"), "{e}");
+    }
+
+    #[test]
+    fn writers_refuse_run_metadata_readers_would_reject() {
+        let mut t = sample_trace();
+        let run = t.meta.run.as_mut().unwrap();
+        run.vcpu_nodes[3] = 2;
+        let e = TraceWriter::new(Vec::new(), &t.meta)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("a vCPU starts on node 2, but the run has 2 nodes"),
+            "{e}"
+        );
+        let mut t = sample_trace();
+        t.meta.run.as_mut().unwrap().error.clear();
+        let e = TraceWriter::new(Vec::new(), &t.meta)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("an error text goes with a failed run"), "{e}");
+        let mut t = sample_trace();
+        t.meta.run.as_mut().unwrap().cpu_sets.pop();
+        let e = TraceWriter::new(Vec::new(), &t.meta)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("CPU sets for 1 nodes of 2"), "{e}");
     }
 
     #[test]
@@ -743,6 +1076,12 @@ mod tests {
         assert_eq!(offset_of!(ArchivedMetaRecord, nodes), 32);
         assert_eq!(offset_of!(ArchivedMetaRecord, workload), 36);
         assert_eq!(offset_of!(ArchivedMetaRecord, host), 84);
+        assert_eq!(size_of::<ArchivedRunRecord>(), 136);
+        assert_eq!(offset_of!(ArchivedRunRecord, vcpu_move_ns), 72);
+        assert_eq!(offset_of!(ArchivedRunRecord, exit_code), 80);
+        assert_eq!(offset_of!(ArchivedRunRecord, outcome), 84);
+        assert_eq!(offset_of!(ArchivedRunRecord, ram), 88);
+        assert_eq!(offset_of!(ArchivedRunRecord, cpus), 128);
         // The root sits at the end of the payload; the events vector's relative pointer
         // leads back to the first event.
         let t = sample_trace();

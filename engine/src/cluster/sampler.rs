@@ -4,7 +4,7 @@
 //! To replay a trace under another policy we also need what each vCPU touches locally.
 //! Every [`TICK`] the sampler walks on through this node's pages (round-robin, as NUMA
 //! balancing's scanner walks an address space) and *arms* the next `rate × TICK` pages
-//! it holds and has mapped: it saves the contents, unmaps the page (userfaultfd makes it
+//! it holds and has mapped (the first ticks are shorter, 1 ms doubling up to `TICK`): it saves the contents, unmaps the page (userfaultfd makes it
 //! missing again) and remembers it. The next guest access to an armed page traps like
 //! any missing page; the fault path finds the saved copy, maps it back, and records an
 //! `access_sample` event (vCPU, page, read or write, RIP, time since armed). Pages not
@@ -72,11 +72,15 @@ pub(super) fn sampler_thread(node: Arc<Node>, rate: u32) {
     let mut cursor = first;
     // Pages owed, fractions carried from tick to tick, so low rates are kept too.
     let mut budget = 0.0f64;
+    // The first ticks are short (1 ms, doubling up to TICK), so a run of a few
+    // milliseconds is sampled too.
+    let mut tick = Duration::from_millis(1);
     let result = (|| -> Result<(), Error> {
         while !node.stop.load(Ordering::SeqCst) {
-            std::thread::sleep(TICK);
+            std::thread::sleep(tick);
             node.disarm_older(monotonic_ns())?;
-            budget += rate as f64 * TICK.as_secs_f64();
+            budget += rate as f64 * tick.as_secs_f64();
+            tick = (tick * 2).min(TICK);
             let per_tick = budget.floor() as u64;
             budget -= per_tick as f64;
             if per_tick == 0 {
