@@ -172,26 +172,14 @@ fn stats_from_json(v: &Value) -> Option<NodeStats> {
     })
 }
 
-fn sample_lists(s: &Samples) -> [(&'static str, &Vec<u32>); 6] {
-    [
-        ("fault_service_us", &s.fault_service_us),
-        ("vcpu_move_us", &s.vcpu_move_us),
-        ("install_us", &s.install_us),
-        ("capture_us", &s.capture_us),
-        ("restore_us", &s.restore_us),
-        ("rtt_4k_us", &s.rtt_4k_us),
-    ]
+fn sample_lists(s: &Samples) -> [(&'static str, &Vec<u32>); 7] {
+    let lists = s.lists();
+    std::array::from_fn(|i| (Samples::FIELDS[i], lists[i]))
 }
 
-fn sample_lists_mut(s: &mut Samples) -> [(&'static str, &mut Vec<u32>); 6] {
-    [
-        ("fault_service_us", &mut s.fault_service_us),
-        ("vcpu_move_us", &mut s.vcpu_move_us),
-        ("install_us", &mut s.install_us),
-        ("capture_us", &mut s.capture_us),
-        ("restore_us", &mut s.restore_us),
-        ("rtt_4k_us", &mut s.rtt_4k_us),
-    ]
+fn sample_lists_mut(s: &mut Samples) -> [(&'static str, &mut Vec<u32>); 7] {
+    let mut lists = s.lists_mut().into_iter();
+    std::array::from_fn(|i| (Samples::FIELDS[i], lists.next().expect("7 lists")))
 }
 
 fn samples_json(s: &Samples) -> Value {
@@ -282,6 +270,7 @@ pub fn summary(info: &RunInfo, r: &Reported, reference: Option<u64>) -> Value {
         "missing_counters": r.missing_counters(),
         "fault_service_us": percentiles(&r.samples.fault_service_us),
         "vcpu_move_us": percentiles(&r.samples.vcpu_move_us),
+        "claim_us": percentiles(&r.samples.claim_us),
         "console": r.console,
         "console_truncated": r.console_truncated,
         "trace_events": r.trace_events,

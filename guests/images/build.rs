@@ -47,7 +47,13 @@ fn main() {
     let manifest = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("OUT_DIR"));
     let guests = manifest.parent().expect("guests/");
-    for dir in ["abi/src", "workloads/src", "images/guest"] {
+    for dir in [
+        "abi/src",
+        "workloads/src",
+        "images/guest",
+        "c/pull.c",
+        "include",
+    ] {
         println!("cargo:rerun-if-changed={}", guests.join(dir).display());
     }
 
@@ -103,5 +109,34 @@ fn main() {
         .arg(out.join(format!("{workload}.elf")))
         .arg(manifest.join("guest/main.rs"));
         run(cmd, workload);
+    }
+
+    // The benchmark probe, in C with the guest ABI header (docs/guest-abi.md).
+    {
+        let probe = "pull";
+        let mut cmd = Command::new(std::env::var("CC").unwrap_or_else(|_| "cc".into()));
+        cmd.args([
+            "-ffreestanding",
+            "-nostdlib",
+            "-static",
+            "-fno-pie",
+            "-no-pie",
+            "-O2",
+            "-fno-stack-protector",
+        ])
+        .arg("-I")
+        .arg(guests.join("include"))
+        .args(["-Wl,-Ttext-segment=0x400000", "-Wl,--build-id=none", "-o"])
+        .arg(out.join(format!("{probe}.elf")))
+        .arg(guests.join(format!("c/{probe}.c")));
+        let output = cmd.output().unwrap_or_else(|e| {
+            panic!("cannot start the C compiler for {probe}.c (apt-get install gcc): {e}")
+        });
+        if !output.status.success() {
+            panic!(
+                "building guests/c/{probe}.c failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
     }
 }

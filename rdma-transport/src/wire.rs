@@ -9,7 +9,7 @@
 use crate::{Access, NodeId};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FLTL");
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 pub const HEADER_BYTES: usize = 12;
 pub const PAGE_BYTES: usize = 4096;
 /// Largest body of any frame: a vCPU state, or a console chunk.
@@ -62,19 +62,24 @@ pub struct Samples {
     pub restore_us: Vec<u32>,
     /// Bare 4 KiB request/response round trips on the transport.
     pub rtt_4k_us: Vec<u32>,
+    /// Remote faults served by a claim of fresh memory (no data travelled): from the
+    /// fault exit to re-entry. `fault_service_us` holds the others.
+    pub claim_us: Vec<u32>,
 }
 
 impl Samples {
-    pub const FIELDS: [&'static str; 6] = [
+    pub const FIELDS: [&'static str; 7] = [
         "fault_service_us",
         "vcpu_move_us",
         "install_us",
         "capture_us",
         "restore_us",
         "rtt_4k_us",
+        "claim_us",
     ];
 
-    fn lists(&self) -> [&Vec<u32>; 6] {
+    /// The lists, in [`Samples::FIELDS`] order.
+    pub fn lists(&self) -> [&Vec<u32>; 7] {
         [
             &self.fault_service_us,
             &self.vcpu_move_us,
@@ -82,10 +87,12 @@ impl Samples {
             &self.capture_us,
             &self.restore_us,
             &self.rtt_4k_us,
+            &self.claim_us,
         ]
     }
 
-    fn lists_mut(&mut self) -> [&mut Vec<u32>; 6] {
+    /// The lists, in [`Samples::FIELDS`] order.
+    pub fn lists_mut(&mut self) -> [&mut Vec<u32>; 7] {
         [
             &mut self.fault_service_us,
             &mut self.vcpu_move_us,
@@ -93,6 +100,7 @@ impl Samples {
             &mut self.capture_us,
             &mut self.restore_us,
             &mut self.rtt_4k_us,
+            &mut self.claim_us,
         ]
     }
 

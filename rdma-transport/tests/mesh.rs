@@ -151,15 +151,10 @@ fn what_a_peer_sent_before_it_closed_arrives_before_its_loss() {
 fn the_fullest_stats_crosses_both_transports() {
     // A busy node's end-of-run counters, every sample list full: larger than a frame
     // before, so shm dropped the link and node 0 reported "no counters" from that node.
-    let full: Vec<u32> = (0..wire::MAX_SAMPLES as u32).collect();
-    let samples = Samples {
-        fault_service_us: full.clone(),
-        vcpu_move_us: full.clone(),
-        install_us: full.clone(),
-        capture_us: full.clone(),
-        restore_us: full.clone(),
-        rtt_4k_us: full,
-    };
+    let mut samples = Samples::default();
+    for list in samples.lists_mut() {
+        *list = (0..wire::MAX_SAMPLES as u32).collect();
+    }
     let stats = Message::Stats {
         stats: NodeStats {
             remote_faults: 7,

@@ -26,13 +26,15 @@ use std::time::{Duration, Instant};
 pub(super) struct Held<'a> {
     _guard: MutexGuard<'a, ()>,
     done_to: Option<NodeId>,
+    /// The page came by a claim of fresh memory.
+    pub claimed: bool,
 }
 
 impl Node {
     /// Waits until this node may use `page` for `want`, fetching it if needed. Returns
     /// with the page's lock held; [`Node::release`] ends the use.
     pub fn acquire(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<Held<'_>, Error> {
-        self.fetch(page, want, slot, true)?.ok_or(Error::Page {
+        self.fetch(page, want, slot, true)?.0.ok_or(Error::Page {
             page,
             what: "a held fetch returned without the page".into(),
         })
@@ -43,29 +45,37 @@ impl Node {
     /// thread that installs the page tells the home it is done at once, so the vCPU
     /// thread does not send that on its way back to the guest. (Holding it would not keep
     /// the page either: it could leave again before the instruction re-runs, as it can
-    /// after [`Node::release`]; the instruction then faults again.)
-    pub fn bring(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<(), Error> {
-        self.fetch(page, want, slot, false).map(drop)
+    /// after [`Node::release`]; the instruction then faults again.) Returns whether the
+    /// page came by a claim of fresh memory (no data travelled).
+    pub fn bring(&self, page: u64, want: Access, slot: &Arc<Slot>) -> Result<bool, Error> {
+        self.fetch(page, want, slot, false)
+            .map(|(_, claimed)| claimed)
     }
 
-    /// [`Node::acquire`] (`hold`) or [`Node::bring`] (not).
+    /// [`Node::acquire`] (`hold`) or [`Node::bring`] (not); and whether the page came by
+    /// a claim.
     fn fetch(
         &self,
         page: u64,
         want: Access,
         slot: &Arc<Slot>,
         hold: bool,
-    ) -> Result<Option<Held<'_>>, Error> {
+    ) -> Result<(Option<Held<'_>>, bool), Error> {
         let mut done_to = None;
+        let mut claimed = false;
         loop {
             match self.pages.local(page, want)? {
                 Local::Ready { guard, .. } if hold => {
-                    return Ok(Some(Held {
-                        _guard: guard,
-                        done_to,
-                    }))
+                    return Ok((
+                        Some(Held {
+                            _guard: guard,
+                            done_to,
+                            claimed,
+                        }),
+                        claimed,
+                    ))
                 }
-                Local::Ready { .. } => return Ok(None),
+                Local::Ready { .. } => return Ok((None, claimed)),
                 Local::Missing(state) => {
                     if let Some(home) = done_to {
                         self.send(home, Message::Done { page });
@@ -125,10 +135,11 @@ impl Node {
                         "still waiting for a page after 2 s"
                     );
                 }
-                std::mem::take(&mut i.woken).then_some(())
+                std::mem::take(&mut i.woken).then(|| std::mem::take(&mut i.claimed))
             });
-            if woken.is_none() {
-                return Err(Error::Stopped);
+            match woken {
+                None => return Err(Error::Stopped),
+                Some(c) => claimed = c,
             }
             if issue && hold {
                 done_to = Some(home);
@@ -279,15 +290,20 @@ impl Node {
         // Wake whoever waits: for a granted page, it is here; for a page asked for on
         // spec and not granted, ask again if still needed. `page` itself, if not
         // granted, is still coming.
-        let woken: Vec<Waiting> = {
+        let woken: Vec<(bool, Waiting)> = {
             let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
             (page..end)
                 .filter(|&p| granted(p) || p != page)
-                .filter_map(|p| waiting.remove(&p))
+                .filter_map(|p| waiting.remove(&p).map(|w| (granted(p), w)))
                 .collect()
         };
-        for slot in woken.iter().flat_map(|e| &e.slots) {
-            slot.wake();
+        for (granted, entry) in &woken {
+            for slot in &entry.slots {
+                slot.update(|i| {
+                    i.woken = true;
+                    i.claimed = *granted;
+                });
+            }
         }
         if mask != 0 {
             self.send(from, Message::ClaimDone { page, count, mask });

@@ -25,7 +25,7 @@
 use super::coherence::CoherentView;
 use super::decode;
 use super::node::{monotonic_ns, Node};
-use super::pages::{Local, PageState};
+use super::pages::{Local, PageState, Populated};
 use super::stats::Sample;
 use super::uffd::PAGE;
 use super::wait::Slot;
@@ -121,7 +121,9 @@ pub(super) fn serve(
                     // RIP before completing the access moves it on (an ioctl: only if
                     // the sample is traced).
                     let rip = match mapped {
-                        Some(Some(_)) if node.tracing() => vcpu.rip().unwrap_or(0),
+                        Some(Populated::Sampled { .. }) if node.tracing() => {
+                            vcpu.rip().unwrap_or(0)
+                        }
                         _ => 0,
                     };
                     let flushed = complete(node, vcpu, addr, write)?;
@@ -183,15 +185,16 @@ pub(super) fn serve(
                 }
                 let Some((addr, write)) = how.pending() else {
                     // Nothing pending: the instruction runs again once the page is here.
-                    node.bring(page, want, slot)?;
-                    served(node, id, &remote, t0.elapsed());
+                    let claimed = node.bring(page, want, slot)?;
+                    served(node, id, &remote, t0.elapsed(), claimed);
                     return Ok(Served::Continue);
                 };
                 // Complete the pending access while the page is held.
                 let held = node.acquire(page, want, slot)?;
+                let claimed = held.claimed;
                 let flushed = complete(node, vcpu, addr, write);
                 node.release(held, page);
-                served(node, id, &remote, t0.elapsed());
+                served(node, id, &remote, t0.elapsed(), claimed);
                 match after(id, flushed?)? {
                     Some(next) => {
                         how = next;
@@ -206,7 +209,7 @@ pub(super) fn serve(
                     // It arrived meanwhile (another thread brought it): the fault is
                     // served by that page move; go round and use it here.
                     drop(guard);
-                    served(node, id, &remote, t0.elapsed());
+                    served(node, id, &remote, t0.elapsed(), false);
                     continue;
                 }
                 let t = Instant::now();
@@ -277,7 +280,7 @@ fn needs(
             (Some(rip), pages)
         }
         Detected::Efault => {
-            let regs = vcpu.regs().map_err(|source| Error::VcpuCall {
+            let regs = vcpu.exit_regs().map_err(|source| Error::VcpuCall {
                 vcpu: id,
                 call: "reading its registers",
                 source,
@@ -307,12 +310,16 @@ fn needs(
     })
 }
 
+/// RIP at the exit being served (from the run page where KVM can copy it, see
+/// [`Vcpu::exit_regs`]).
 fn read_rip(vcpu: &Vcpu) -> Result<u64, Error> {
-    vcpu.rip().map_err(|source| Error::VcpuCall {
-        vcpu: vcpu.id(),
-        call: "reading its registers",
-        source,
-    })
+    vcpu.exit_regs()
+        .map(|r| r.rip)
+        .map_err(|source| Error::VcpuCall {
+            vcpu: vcpu.id(),
+            call: "reading its registers",
+            source,
+        })
 }
 
 fn check_page(node: &Node, id: u32, addr: u64, len: usize) -> Result<u64, Error> {
@@ -332,22 +339,25 @@ fn check_page(node: &Node, id: u32, addr: u64, len: usize) -> Result<u64, Error>
 }
 
 /// A page this node held but had not mapped was mapped for the fault: a sample if the
-/// sampler had armed it, an install otherwise.
+/// sampler had armed it. The install is timed when it mapped one page (a sampled page's
+/// 4 KiB copy, or a lone page of zeros): what a remote fault's requester does once the
+/// page is here, trap to re-entry. First touches mapping a run of pages are not.
 fn note_install(
     node: &Node,
     id: u32,
     page: u64,
     want: Access,
     rip: impl Into<Option<u64>>,
-    mapped: Option<Option<u64>>,
+    mapped: Option<Populated>,
     t0: Instant,
 ) {
     match mapped {
-        Some(Some(armed_ns)) => {
+        Some(Populated::Sampled { armed_ns }) => {
+            node.sample(Sample::Install, t0.elapsed());
             note_sample(node, id, page, want, rip.into().unwrap_or(0), armed_ns)
         }
-        Some(None) => node.sample(Sample::Install, t0.elapsed()),
-        None => {}
+        Some(Populated::Zeros { pages: 1 }) => node.sample(Sample::Install, t0.elapsed()),
+        Some(Populated::Zeros { .. }) | None => {}
     }
 }
 
@@ -401,9 +411,15 @@ fn fault_event(node: &Node, id: u32, f: &Remote, decision: u8, service: Duration
     node.record(e);
 }
 
-/// A remote fault served by bringing the page.
-fn served(node: &Node, id: u32, f: &Remote, service: Duration) {
-    node.sample(Sample::FaultService, service);
+/// A remote fault served by bringing the page (`claimed`: by a claim of fresh memory,
+/// no data; sampled apart, as it costs a round trip without a page).
+fn served(node: &Node, id: u32, f: &Remote, service: Duration, claimed: bool) {
+    let kind = if claimed {
+        Sample::Claim
+    } else {
+        Sample::FaultService
+    };
+    node.sample(kind, service);
     node.metrics.fault_service(service.as_secs_f64());
     if node.tracing() {
         fault_event(node, id, f, trace::DECISION_MOVE_PAGE, service);

@@ -94,13 +94,22 @@ impl Placement {
     }
 }
 
+/// How a page held here but not mapped was just mapped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Populated {
+    /// The sampler's copy put back: the sampler had armed the page at `armed_ns`.
+    Sampled { armed_ns: u64 },
+    /// Zeros for a page never touched, and for `pages - 1` more after it.
+    Zeros { pages: u64 },
+}
+
 /// What this node can do with a page for one access, found under the page's lock.
 pub(super) enum Local<'a> {
     /// Usable here; the lock stays held. `mapped`: it was held but not mapped and has
-    /// just been (`Some(Some(t))`: the sampler had armed it at `t`).
+    /// just been, and how.
     Ready {
         guard: MutexGuard<'a, ()>,
-        mapped: Option<Option<u64>>,
+        mapped: Option<Populated>,
     },
     /// Not held well enough for the access: a remote fault. How it is held.
     Missing(PageState),
@@ -317,14 +326,15 @@ impl PageTable {
     }
 
     /// Installs a page this node holds but has not mapped: the contents the access
-    /// sampler took away, or zeros for a page never touched. Under its lock. Returns when
-    /// the sampler armed the page, if it did (the access is a sample).
-    pub fn populate(&self, page: u64, state: PageState) -> Result<Option<u64>, Error> {
+    /// sampler took away, or zeros for a page never touched. Under its lock.
+    pub fn populate(&self, page: u64, state: PageState) -> Result<Populated, Error> {
         let read_only = state == PageState::Shared;
         if let Some(armed) = self.take_armed(page) {
             self.uffd()?.install(page * PAGE, &armed.data, read_only)?;
             self.set_state(page, state, true);
-            return Ok(Some(armed.at_ns));
+            return Ok(Populated::Sampled {
+                armed_ns: armed.at_ns,
+            });
         }
         // Never touched: zeros, and the same for the pages after it that this node holds
         // the same way and has never touched either (a guest touching fresh memory goes
@@ -350,7 +360,7 @@ impl PageTable {
         for p in page..page + run {
             self.set_state(p, state, true);
         }
-        Ok(None)
+        Ok(Populated::Zeros { pages: run })
     }
 
     pub fn is_armed(&self, page: u64) -> bool {

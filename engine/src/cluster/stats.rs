@@ -19,7 +19,7 @@ pub(super) struct Counters {
 #[derive(Default)]
 pub(super) struct SampleSet {
     pub samples: Samples,
-    seen: [u64; 6],
+    seen: [u64; 7],
 }
 
 #[derive(Clone, Copy)]
@@ -30,6 +30,8 @@ pub(super) enum Sample {
     Capture = 3,
     Restore = 4,
     Rtt = 5,
+    /// A remote fault served by a claim of fresh memory (no data).
+    Claim = 6,
 }
 
 impl SampleSet {
@@ -43,6 +45,7 @@ impl SampleSet {
             Sample::Capture => &mut s.capture_us,
             Sample::Restore => &mut s.restore_us,
             Sample::Rtt => &mut s.rtt_4k_us,
+            Sample::Claim => &mut s.claim_us,
         };
         let seen = &mut self.seen[kind as usize];
         *seen += 1;

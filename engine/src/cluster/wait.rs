@@ -20,6 +20,8 @@ pub(super) struct Arrival {
 #[derive(Default)]
 pub(super) struct Inbox {
     pub woken: bool,
+    /// With `woken`: the page came by a claim of fresh memory (no data travelled).
+    pub claimed: bool,
     pub arrival: Option<Arrival>,
     pub futex: Option<i32>,
 }

@@ -62,6 +62,9 @@ pub struct Hypervisor {
     saveable_msrs: OnceLock<Vec<u32>>,
     /// MSRs KVM refuses to set here (learned on the first restore); never sent again.
     unsettable_msrs: Mutex<Vec<u32>>,
+    /// `KVM_CAP_SYNC_REGS`: KVM copies the registers into the shared run page at every
+    /// exit, so the fault path reads them without a `KVM_GET_REGS` call.
+    sync_regs: bool,
 }
 
 impl std::fmt::Debug for Hypervisor {
@@ -84,11 +87,13 @@ impl Hypervisor {
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(sys("KVM_GET_SUPPORTED_CPUID"))?;
         kick::install().map_err(sys("installing the vCPU kick signal handler"))?;
+        let sync_regs = kvm.check_extension(kvm_ioctls::Cap::SyncRegs);
         Ok(Arc::new(Hypervisor {
             kvm,
             cpuid,
             saveable_msrs: OnceLock::new(),
             unsettable_msrs: Mutex::new(Vec::new()),
+            sync_regs,
         }))
     }
 

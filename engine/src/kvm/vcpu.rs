@@ -81,7 +81,14 @@ impl std::fmt::Debug for Vcpu {
 }
 
 impl Vcpu {
-    pub(super) fn new(id: u32, fd: VcpuFd, hypervisor: Arc<Hypervisor>) -> Result<Self, KvmError> {
+    pub(super) fn new(
+        id: u32,
+        mut fd: VcpuFd,
+        hypervisor: Arc<Hypervisor>,
+    ) -> Result<Self, KvmError> {
+        if hypervisor.sync_regs {
+            fd.set_sync_valid_reg(kvm_ioctls::SyncReg::Register);
+        }
         let vcpu = Vcpu { id, fd, hypervisor };
         vcpu.set_cpuid()?;
         Ok(vcpu)
@@ -321,6 +328,17 @@ impl Vcpu {
     }
 
     /// The guest's instruction pointer (for diagnostics).
+    /// The general registers as the last exit left them: read from the run page where
+    /// KVM copies them at every exit (`KVM_CAP_SYNC_REGS`), else with `KVM_GET_REGS`.
+    /// Only right after `KVM_RUN` returned: a restore since then is not reflected.
+    pub fn exit_regs(&self) -> Result<kvm_regs, KvmError> {
+        if self.hypervisor.sync_regs {
+            Ok(self.fd.sync_regs().regs)
+        } else {
+            self.regs()
+        }
+    }
+
     pub fn rip(&self) -> Result<u64, KvmError> {
         Ok(self.fd.get_regs().map_err(self.err("KVM_GET_REGS"))?.rip)
     }

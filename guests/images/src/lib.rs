@@ -3,6 +3,10 @@
 
 use flotilla_workloads::Workload;
 
+/// The remote-fault probe of `flotilla bench fault-latency` (`guests/c/pull.c`):
+/// arguments "PAGES PASSES"; vCPU 0 writes the pages and idles, vCPU 1 reads them.
+pub const PULL_PROBE: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/pull.elf"));
+
 /// The guest image (ELF64) that runs `workload`.
 pub fn image(workload: Workload) -> &'static [u8] {
     match workload {
