@@ -17,6 +17,8 @@ use flotilla_transport::{wire::CLAIM_MAX_PAGES, Access, Message, NodeId};
 /// Most pages one claim asks for (the wire allows `CLAIM_MAX_PAGES`).
 const CLAIM_EXTENT: u8 = 16;
 const _: () = assert!(CLAIM_EXTENT <= CLAIM_MAX_PAGES);
+/// Faults that ask for one page after a claim that got nothing.
+const CLAIM_BACKOFF: u32 = 64;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
@@ -98,7 +100,7 @@ impl Node {
                 entry.slots.push(Arc::clone(slot));
                 // Nothing to complete under the page's lock: ask for the pages after it
                 // too, should they be fresh memory (see `serve_claim`).
-                let claim = if issue && !hold && home != self.me {
+                let claim = if issue && !hold && home != self.me && !self.claims_paused() {
                     self.claim_extent(&mut w, page, home)
                 } else {
                     1
@@ -145,6 +147,13 @@ impl Node {
                 done_to = Some(home);
             }
         }
+    }
+
+    /// Whether claims pause after one that got nothing (counts this fault down).
+    fn claims_paused(&self) -> bool {
+        self.claim_backoff
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 
     /// How many pages from `page` on to claim along with it (at least 1): the run of
@@ -218,7 +227,8 @@ impl Node {
                 mask |= 1 << i;
             }
         }
-        self.send(from, Message::Claimed { page, count, mask });
+        // `page` itself, if not granted, is served first: its data is what the faulting
+        // vCPU waits for (the requester takes the two answers in either order).
         if mask & 1 == 0 {
             let out = self.directory().request(page, from, want);
             self.route(out.map_err(|e| Error::Protocol {
@@ -226,6 +236,7 @@ impl Node {
                 what: e.to_string(),
             })?);
         }
+        self.send(from, Message::Claimed { page, count, mask });
         Ok(())
     }
 
@@ -251,6 +262,9 @@ impl Node {
             });
         }
         let granted = |p: u64| mask & (1 << (p - page)) != 0;
+        if mask == 0 {
+            self.claim_backoff.store(CLAIM_BACKOFF, Ordering::Relaxed);
+        }
         {
             // Every granted page locked (in ascending order; at most 64 stripes, all
             // different), then zeros installed for each run of them in one call.

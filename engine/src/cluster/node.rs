@@ -73,6 +73,9 @@ pub(super) struct Node {
     pub(super) directory: Mutex<PageDirectory>,
     /// Pages this node's threads wait for.
     pub(super) waiting: Mutex<HashMap<u64, Waiting>>,
+    /// Faults left that ask for one page, not a claim: a claim that got nothing (the
+    /// memory was not fresh) costs an extra message, so claims pause for a while.
+    pub(super) claim_backoff: AtomicU32,
     transport: OnceLock<Arc<dyn Transport>>,
     pub slots: Vec<Arc<Slot>>,
     echo: Arc<Slot>,
@@ -600,6 +603,7 @@ impl Node {
             pages,
             directory: Mutex::new(directory),
             waiting: Mutex::new(HashMap::new()),
+            claim_backoff: AtomicU32::new(0),
             transport: OnceLock::new(),
             slots: (0..spec.vcpus).map(|_| Arc::new(Slot::default())).collect(),
             echo: Arc::new(Slot::default()),
