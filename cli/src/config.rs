@@ -63,6 +63,10 @@ pub struct ClusterFile {
     /// string; default 256 KiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stack: Option<Value>,
+    /// Emulated one-way link delay in µs, added to every frame this node receives
+    /// (default 0; at most 1,000,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link_delay_us: Option<u64>,
 }
 
 fn default_transport() -> String {
@@ -73,6 +77,16 @@ fn default_policy() -> String {
 }
 fn default_ram() -> String {
     "contiguous".into()
+}
+
+/// The configuration's emulated link delay, checked.
+pub fn link_delay(file: &ClusterFile) -> Result<Duration> {
+    let us = file.link_delay_us.unwrap_or(0);
+    let max = flotilla_transport::MAX_LINK_DELAY.as_micros() as u64;
+    if us > max {
+        bail!("link_delay_us {us}: at most {max} µs (1 s) can be emulated");
+    }
+    Ok(Duration::from_micros(us))
 }
 
 /// What a trace records about the run.
@@ -115,6 +129,7 @@ pub fn trace_meta(file: &ClusterFile, spec: &ClusterSpec, sample_rate: u32) -> T
             .into(),
             vcpu_nodes: spec.vcpu_nodes.clone(),
             stack_bytes: spec.stack_bytes,
+            link_delay_ns: file.link_delay_us.unwrap_or(0).saturating_mul(1000),
             // The rest is known when the run is over: the launcher fills it in.
             ..Default::default()
         }),
@@ -269,6 +284,7 @@ pub fn setup(file: &ClusterFile, id: Option<u16>, secret: SecretSource) -> Resul
         digest,
         connect_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(3),
+        link_delay: link_delay(file)?,
     };
     Ok(NodeSetup {
         me,

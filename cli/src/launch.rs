@@ -43,6 +43,8 @@ pub struct Launch {
     pub echo_rounds: u32,
     /// Pin each node to its own CPUs (`--cpus-per-node`).
     pub cpus_per_node: Option<u32>,
+    /// Emulated one-way link delay in µs (`--link-delay-us`).
+    pub link_delay_us: u64,
     pub observe: ObserveArgs,
     /// Health signals to inject, by node.
     pub inject_health: Vec<(u16, String, f64)>,
@@ -69,6 +71,7 @@ impl Launch {
             timeout: Some(Duration::from_secs(300)),
             echo_rounds: 0,
             cpus_per_node: None,
+            link_delay_us: 0,
             observe: ObserveArgs::default(),
             inject_health: Vec::new(),
         }
@@ -210,6 +213,7 @@ fn launch_caught(l: &Launch) -> Result<Reported> {
         echo_rounds: l.echo_rounds,
         cpus_per_node: l.cpus_per_node,
         stack: Some(Value::from(l.stack_bytes)),
+        link_delay_us: (l.link_delay_us > 0).then_some(l.link_delay_us),
     };
     // Validate here first, so a bad option fails once, clearly, before any process.
     config::setup(&file, Some(0), SecretSource::Given(secret.as_bytes()))?;

@@ -143,6 +143,7 @@ pub fn node(args: NodeArgs) -> Result<i32> {
         args: setup.spec.args.clone(),
         policy: setup.spec.policy.clone(),
         transport: file.transport.clone(),
+        link_delay_us: file.link_delay_us.unwrap_or(0),
     };
     let reported = match cluster::run_node(setup) {
         Ok(Some(outcome)) => Reported::from_outcome(outcome),

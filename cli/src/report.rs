@@ -219,6 +219,8 @@ pub struct RunInfo {
     pub args: String,
     pub policy: String,
     pub transport: String,
+    /// Emulated one-way link delay (µs).
+    pub link_delay_us: u64,
 }
 
 /// Whether the run verified: `None` for external images (nothing to compare with) and
@@ -252,6 +254,7 @@ pub fn summary(info: &RunInfo, r: &Reported, reference: Option<u64>) -> Value {
         "nodes": info.nodes,
         "policy": info.policy,
         "transport": info.transport,
+        "link_delay_us": info.link_delay_us,
         "mem_bytes": info.mem_bytes,
         "args": info.args,
         "exit_code": r.exit_code(),

@@ -75,6 +75,11 @@ pub struct RunArgs {
     /// process may use), so nodes never share a CPU. Runs the guest as a cluster.
     #[arg(long, value_name = "C")]
     pub cpus_per_node: Option<u32>,
+    /// Emulate a link of this one-way latency between the nodes (added to every frame a
+    /// node receives, both directions; netem does not work on this host): e.g. 3 for an
+    /// RDMA-class link, 15 for 10 GbE, 100 for a slow one. 0 to 1000000.
+    #[arg(long, value_name = "US", default_value_t = 0)]
+    pub link_delay_us: u64,
     /// Metrics, trace and access sampling (any of them runs the guest as a cluster, of
     /// one node unless --nodes says more).
     #[command(flatten)]
@@ -178,6 +183,7 @@ fn plan(args: &RunArgs, nodes: u16) -> Result<Plan> {
             args: args.args.clone(),
             policy: args.policy.clone(),
             transport: args.transport.clone(),
+            link_delay_us: args.link_delay_us,
         },
         image,
         config,
@@ -209,6 +215,9 @@ pub fn run(args: RunArgs) -> Result<i32> {
 /// Runs the guest `args` describe; returns the host reference too (for a workload that
 /// exited 0, unless `--no-verify`).
 fn execute(args: &RunArgs) -> Result<(Plan, Reported, Option<u64>)> {
+    if args.link_delay_us > 0 && args.nodes.unwrap_or(1) < 2 {
+        bail!("--link-delay-us: a node alone has no links to delay; give --nodes 2 or more");
+    }
     let observed =
         (args.observe.any() || !args.inject_health.is_empty() || args.cpus_per_node.is_some())
             .then_some(1);
@@ -357,6 +366,7 @@ fn launch_of(args: &RunArgs, plan: &Plan) -> Launch {
         // A trace carries the bare round trip, so a simulator can be calibrated from it.
         echo_rounds: if args.observe.trace.is_some() { 32 } else { 0 },
         cpus_per_node: args.cpus_per_node,
+        link_delay_us: args.link_delay_us,
         observe: args.observe.clone(),
         inject_health: args.inject_health.clone(),
     }

@@ -97,6 +97,34 @@ fn bad_command_lines_get_clear_errors() {
         ),
         (&["run", "--workload", "stream", "--timeout=-1"], "positive"),
         (
+            &["run", "--workload", "stream", "--link-delay-us", "5"],
+            "a node alone has no links",
+        ),
+        (
+            &[
+                "run",
+                "--workload",
+                "stream",
+                "--nodes",
+                "2",
+                "--link-delay-us",
+                "1000001",
+            ],
+            "at most 1000000 µs",
+        ),
+        (
+            &[
+                "run",
+                "--workload",
+                "stream",
+                "--nodes",
+                "2",
+                "--link-delay-us",
+                "-3",
+            ],
+            "--link-delay-us",
+        ),
+        (
             &["run", "--image", "/dev/null"],
             "too short for an ELF header",
         ),

@@ -513,3 +513,39 @@ fn a_failing_guest_ends_cleanly_with_its_console_and_counters() {
     }
     let _ = std::fs::remove_file(elf);
 }
+
+#[test]
+fn an_emulated_link_delay_is_paid_by_every_remote_fault() {
+    if !kvm() {
+        return;
+    }
+    // Each remote fault is at least a request and an answer: two one-way delays.
+    for transport in ["tcp", "shm"] {
+        let out = flotilla(&[
+            "run",
+            "--workload",
+            "matmul",
+            "--args",
+            "n=200",
+            "--vcpus",
+            "2",
+            "--nodes",
+            "2",
+            "--policy",
+            "always-page",
+            "--transport",
+            transport,
+            "--link-delay-us",
+            "300",
+            "--json",
+        ]);
+        let v = json(&out);
+        assert_eq!(v["verified"], true, "{v}");
+        assert_eq!(v["link_delay_us"], 300, "{v}");
+        let p50 = v["fault_service_us"]["p50"].as_u64().unwrap_or(0);
+        assert!(
+            p50 >= 600,
+            "{transport}: fault p50 {p50} µs with 300 µs each way: {v}"
+        );
+    }
+}

@@ -145,6 +145,7 @@ pub struct ShmTransport {
     losses: Vec<Loss>,
     traffic: Traffic,
     closed: AtomicBool,
+    link_delay: Duration,
 }
 
 fn map(file: &std::fs::File, path: &str) -> Result<Segment, TransportError> {
@@ -323,6 +324,7 @@ impl ShmTransport {
             losses: (0..config.addrs.len()).map(|_| Loss::default()).collect(),
             traffic: Traffic::default(),
             closed: AtomicBool::new(false),
+            link_delay: config.link_delay,
         });
         let spawn_err = |peer, addr, source| TransportError::Io {
             peer,
@@ -409,8 +411,8 @@ impl ShmTransport {
         let mut body = Vec::new();
         let why = loop {
             match read_frame(&mut tcp, &mut header, &mut body, peer, addr, idle) {
-                Ok(Message::Ping) => {}
-                Ok(other) => {
+                Ok((Message::Ping, _)) => {}
+                Ok((other, _)) => {
                     break TransportError::Handshake {
                         addr,
                         reason: format!("{} on the keep-alive connection", other.name()),
@@ -523,7 +525,10 @@ impl ShmTransport {
             c.tail.store(tail, Ordering::Release);
             self.traffic.received(total);
             match wire::decode_body(h, &body) {
-                Ok(msg) => handler.deliver(peer, msg),
+                Ok(msg) => {
+                    crate::hold(h.sent_ns, self.link_delay);
+                    handler.deliver(peer, msg)
+                }
                 Err(source) => {
                     self.lost(peer, TransportError::Wire { peer, source }, handler);
                     return;
@@ -559,7 +564,7 @@ impl Transport for ShmTransport {
 
     fn send(&self, to: NodeId, msg: &Message) -> Result<(), TransportError> {
         let link = crate::link_to(&self.links, to)?;
-        wire::with_frame(msg, |frame| {
+        wire::with_frame(msg, crate::sent_stamp(self.link_delay), |frame| {
             let len = frame.len() as u64;
             let _guard = link.tx_lock.lock().unwrap_or_else(|p| p.into_inner());
             let c = link.tx.control();

@@ -34,6 +34,7 @@ pub struct TcpTransport {
     links: Vec<Option<Link>>,
     traffic: Traffic,
     closed: AtomicBool,
+    link_delay: Duration,
 }
 
 /// Listens on this node's address and connects to every peer; returns the authenticated
@@ -259,6 +260,7 @@ impl TcpTransport {
             links,
             traffic: Traffic::default(),
             closed: AtomicBool::new(false),
+            link_delay: config.link_delay,
         });
         for (peer, addr, stream) in readers {
             let t = Arc::clone(&transport);
@@ -302,9 +304,10 @@ impl TcpTransport {
         let mut body = Vec::new();
         let result = loop {
             match read_frame(&mut stream, &mut header, &mut body, peer, addr, idle) {
-                Ok(Message::Ping) => {}
-                Ok(msg) => {
+                Ok((Message::Ping, _)) => {}
+                Ok((msg, sent_ns)) => {
                     self.traffic.received((HEADER_BYTES + body.len()) as u64);
+                    crate::hold(sent_ns, self.link_delay);
                     handler.deliver(peer, msg)
                 }
                 Err(e) => break e,
@@ -329,7 +332,7 @@ impl TcpTransport {
     }
 }
 
-/// Reads and validates one frame.
+/// Reads and validates one frame; returns it with its send stamp.
 pub(crate) fn read_frame(
     stream: &mut impl Read,
     header: &mut [u8; HEADER_BYTES],
@@ -337,7 +340,7 @@ pub(crate) fn read_frame(
     peer: NodeId,
     addr: SocketAddr,
     idle: Duration,
-) -> Result<Message, TransportError> {
+) -> Result<(Message, u64), TransportError> {
     let io = |e: std::io::Error| match e.kind() {
         ErrorKind::UnexpectedEof | ErrorKind::ConnectionReset | ErrorKind::BrokenPipe => {
             TransportError::Closed { peer }
@@ -354,7 +357,8 @@ pub(crate) fn read_frame(
     let h = wire::decode_header(header).map_err(|source| TransportError::Wire { peer, source })?;
     body.resize(h.len, 0);
     stream.read_exact(body).map_err(io)?;
-    wire::decode_body(h, body).map_err(|source| TransportError::Wire { peer, source })
+    let msg = wire::decode_body(h, body).map_err(|source| TransportError::Wire { peer, source })?;
+    Ok((msg, h.sent_ns))
 }
 
 impl Transport for TcpTransport {
@@ -372,7 +376,7 @@ impl Transport for TcpTransport {
 
     fn send(&self, to: NodeId, msg: &Message) -> Result<(), TransportError> {
         let link = crate::link_to(&self.links, to)?;
-        wire::with_frame(msg, |frame| {
+        wire::with_frame(msg, crate::sent_stamp(self.link_delay), |frame| {
             let mut w = link.writer.lock().unwrap_or_else(|p| p.into_inner());
             w.write_all(frame).map_err(|source| TransportError::Io {
                 peer: to,

@@ -1,7 +1,8 @@
 //! The wire format of Flotilla's node protocol (docs/protocol.md, "Wire format").
 //!
-//! A frame is a 12-byte header, `magic u32 | version u8 | kind u8 | reserved u16 |
-//! length u32` (little-endian), followed by `length` bytes of body whose layout depends
+//! A frame is a 20-byte header, `magic u32 | version u8 | kind u8 | reserved u16 |
+//! length u32 | sent_ns u64` (little-endian; `sent_ns` is the sender's clock when a link
+//! delay is emulated, else 0), followed by `length` bytes of body whose layout depends
 //! on `kind`. [`decode`] checks everything: magic, version, kind, length against the
 //! kind's exact or maximum size, every enumerated field, and that the body is consumed
 //! exactly. Bad input is an error naming the problem; it never panics.
@@ -10,7 +11,7 @@ use crate::{Access, NodeId};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FLTL");
 pub const VERSION: u8 = 3;
-pub const HEADER_BYTES: usize = 12;
+pub const HEADER_BYTES: usize = 20;
 pub const PAGE_BYTES: usize = 4096;
 /// Largest body of any frame: a vCPU state, or a console chunk.
 pub const MAX_BODY_BYTES: usize = 64 << 10;
@@ -385,6 +386,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
     out.push(msg.kind());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&0u32.to_le_bytes());
+    out.extend_from_slice(&0u64.to_le_bytes());
     let body = out.len();
     let mut w = Writer(out);
     match msg {
@@ -517,25 +519,27 @@ thread_local! {
     static FRAME: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Encodes `msg` into this thread's reusable frame buffer and hands the frame to `f`:
-/// senders on the fault path allocate nothing per frame.
-pub fn with_frame<R>(msg: &Message, f: impl FnOnce(&[u8]) -> R) -> R {
+/// Encodes `msg`, stamped `sent_ns`, into this thread's reusable frame buffer and hands
+/// the frame to `f`: senders on the fault path allocate nothing per frame.
+pub fn with_frame<R>(msg: &Message, sent_ns: u64, f: impl FnOnce(&[u8]) -> R) -> R {
     FRAME.with(|buf| {
         let mut frame = buf.borrow_mut();
         frame.clear();
         encode(msg, &mut frame);
+        frame[12..20].copy_from_slice(&sent_ns.to_le_bytes());
         f(&frame)
     })
 }
 
-/// A checked frame header: the body's kind and length.
+/// A checked frame header: the body's kind and length, and the send stamp.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
     pub kind: u8,
     pub len: usize,
+    pub sent_ns: u64,
 }
 
-/// Checks a 12-byte frame header, including the body length against the kind.
+/// Checks a frame header, including the body length against the kind.
 pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
     if bytes.len() < HEADER_BYTES {
         return Err(WireError::Truncated(bytes.len()));
@@ -599,7 +603,8 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
         K_STATS => at_most(64 + 4 * Samples::FIELDS.len(), MAX_STATS_BYTES)?,
         other => return Err(WireError::Kind(other)),
     }
-    Ok(Header { kind, len })
+    let sent_ns = u64::from_le_bytes(bytes[12..20].try_into().expect("8 bytes"));
+    Ok(Header { kind, len, sent_ns })
 }
 
 /// Decodes the body of a frame whose header [`decode_header`] accepted.

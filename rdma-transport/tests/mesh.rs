@@ -33,6 +33,7 @@ fn config(me: NodeId, addrs: &[SocketAddr], connect_timeout: Duration) -> MeshCo
         digest: auth::digest(b"mesh test"),
         connect_timeout,
         idle_timeout: Duration::from_secs(3),
+        link_delay: Duration::ZERO,
     }
 }
 
@@ -190,4 +191,48 @@ fn the_fullest_stats_crosses_both_transports() {
         t0.close();
         t1.close();
     }
+}
+
+#[test]
+fn an_emulated_link_delay_holds_every_frame_back_in_order() {
+    let delay = Duration::from_millis(20);
+    for kind in [Kind::Shm, Kind::Tcp] {
+        let addrs = addrs(2);
+        let limit = Duration::from_secs(5);
+        let (tx0, rx0) = channel();
+        let a0 = addrs.clone();
+        let node0 = std::thread::spawn(move || {
+            let mut c = config(0, &a0, limit);
+            c.link_delay = delay;
+            establish(kind, &c, Arc::new(Inbox(Mutex::new(tx0))))
+        });
+        let (tx1, _rx1) = channel();
+        // Every node of a cluster has the same delay (the cluster file's), so frames
+        // carry their send time.
+        let mut c1 = config(1, &addrs, limit);
+        c1.link_delay = delay;
+        let t1 = establish(kind, &c1, Arc::new(Inbox(Mutex::new(tx1)))).expect("node 1 joins");
+        let t0 = node0.join().unwrap().expect("node 0 forms the cluster");
+        let sent = std::time::Instant::now();
+        for value in 0..10 {
+            t1.send(0, &Message::Report { value }).unwrap();
+        }
+        for value in 0..10 {
+            let (_, msg) = rx0.recv_timeout(Duration::from_secs(5)).expect("delivered");
+            assert!(
+                matches!(msg, Message::Report { value: v } if v == value),
+                "{kind:?}: {msg:?}"
+            );
+        }
+        let took = sent.elapsed();
+        // Frames sent together arrive together, `delay` later: not one delay each.
+        assert!(took >= delay, "{kind:?}: delivered after {took:?}");
+        assert!(took < delay * 5, "{kind:?}: delays added up: {took:?}");
+        t0.close();
+        t1.close();
+    }
+    let mut c = config(0, &addrs(1), Duration::from_secs(1));
+    c.link_delay = Duration::from_secs(2);
+    let e = c.check().unwrap_err().to_string();
+    assert!(e.contains("at most 1000000 µs"), "{e}");
 }
