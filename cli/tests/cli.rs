@@ -119,10 +119,9 @@ fn bad_command_lines_get_clear_errors() {
                 "stream",
                 "--nodes",
                 "2",
-                "--link-delay-us",
-                "-3",
+                "--link-delay-us=-3",
             ],
-            "--link-delay-us",
+            "invalid value '-3' for '--link-delay-us",
         ),
         (
             &["run", "--image", "/dev/null"],

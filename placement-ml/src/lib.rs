@@ -83,6 +83,28 @@ pub struct FaultContext<'a> {
     pub page_heat: u32,
     /// This vCPU's recent faults.
     pub history: &'a History,
+    /// vCPUs running on each node, by node id, as the faulting node knows them (its own
+    /// entry exact, the others the last it heard: a hint).
+    pub node_vcpus: &'a [u32],
+    /// CPUs each node may run vCPUs on.
+    pub cpus: u32,
+}
+
+impl FaultContext<'_> {
+    /// Whether sending this vCPU to `to` keeps the cluster's load no worse: after the move
+    /// `to` would run no more vCPUs than it has CPUs, or no more than this node would
+    /// still run. Without it a vCPU-moving policy gathers every vCPU on the node holding
+    /// the data and leaves the other nodes' CPUs idle.
+    pub fn room_on(&self, to: NodeId) -> bool {
+        let there = self.node_vcpus.get(to as usize).copied().unwrap_or(0) + 1;
+        let here = self
+            .node_vcpus
+            .get(self.node as usize)
+            .copied()
+            .unwrap_or(self.local_vcpus)
+            .saturating_sub(1);
+        there <= self.cpus.max(here)
+    }
 }
 
 /// A placement policy. Called on the faulting vCPU's thread; must be cheap and must not
@@ -192,7 +214,28 @@ mod tests {
             local_vcpus: 1,
             page_heat: 0,
             history,
+            node_vcpus: &[1, 1],
+            cpus: 2,
         }
+    }
+
+    #[test]
+    fn room_on_a_node_is_an_idle_cpu_or_no_worse_balance() {
+        let h = History::default();
+        let mut c = context(&h);
+        // 2 CPUs a node.
+        c.node_vcpus = &[1, 1];
+        assert!(c.room_on(1), "node 1 has an idle CPU");
+        c.node_vcpus = &[1, 2];
+        assert!(!c.room_on(1), "node 1 is full, this node would idle a CPU");
+        c.node_vcpus = &[4, 2];
+        assert!(c.room_on(1), "3 against 3 is no worse than 4 against 2");
+        c.node_vcpus = &[2, 2];
+        c.cpus = 1;
+        assert!(
+            !c.room_on(1),
+            "1-CPU nodes at 2 and 2: no move keeps the balance"
+        );
     }
 
     #[test]

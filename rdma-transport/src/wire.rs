@@ -189,12 +189,14 @@ pub enum Message {
     // vCPUs.
     /// A vCPU's full state; it faulted on `page` and re-executes there. `fault_ns` is
     /// the sender's CLOCK_MONOTONIC at the fault (meaningful to nodes on the same host),
-    /// `clock_ns` the guest clock at the move (so it never runs backwards).
+    /// `clock_ns` the guest clock at the move (so it never runs backwards),
+    /// `sender_vcpus` the vCPUs left running on the sender (a load hint for policies).
     VcpuMove {
         vcpu: u32,
         page: u64,
         fault_ns: u64,
         clock_ns: u64,
+        sender_vcpus: u32,
         state: Vec<u8>,
     },
     /// A bare 4 KiB request (`reply` false) or response, for measuring the wire.
@@ -445,12 +447,14 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             page,
             fault_ns,
             clock_ns,
+            sender_vcpus,
             state,
         } => {
             w.u32(*vcpu);
             w.u64(*page);
             w.u64(*fault_ns);
             w.u64(*clock_ns);
+            w.u32(*sender_vcpus);
             w.bytes(state);
         }
         Message::Echo { reply, data } => {
@@ -591,7 +595,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
         K_CLAIM => exact(10)?,
         K_CLAIMED | K_CLAIM_DONE => exact(17)?,
         K_PAGE_DATA => exact(10 + PAGE_BYTES)?,
-        K_VCPU_MOVE => at_most(28, MAX_BODY_BYTES)?,
+        K_VCPU_MOVE => at_most(32, MAX_BODY_BYTES)?,
         K_ECHO => exact(1 + PAGE_BYTES)?,
         K_FUTEX_WAIT => exact(24)?,
         K_FUTEX_WAKE => exact(16)?,
@@ -709,6 +713,7 @@ pub fn decode_body(header: Header, body: &[u8]) -> Result<Message, WireError> {
             page: r.u64()?,
             fault_ns: r.u64()?,
             clock_ns: r.u64()?,
+            sender_vcpus: r.u32()?,
             state: r.rest().to_vec(),
         },
         K_ECHO => {
@@ -928,6 +933,7 @@ mod tests {
                 page: 77,
                 fault_ns: 5,
                 clock_ns: 6,
+                sender_vcpus: 2,
                 state: vec![1, 2, 3],
             },
             Message::Echo {

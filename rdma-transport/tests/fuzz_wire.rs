@@ -33,6 +33,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
             page: 3,
             fault_ns: 4,
             clock_ns: 5,
+            sender_vcpus: 2,
             state: vec![9; 300],
         },
         Message::Console {

@@ -58,6 +58,8 @@ pub(super) struct Ctx {
     pub spurious: (u64, u32),
     /// The instruction the vCPU arrived to re-execute, until its first fault here.
     pub arrived_rip: Option<u64>,
+    /// vCPUs on each node, as this node knows them (refreshed for each decision).
+    pub loads: Vec<u32>,
 }
 
 /// How a fault reached the engine.
@@ -457,6 +459,7 @@ fn note_sample(node: &Node, id: u32, page: u64, want: Access, rip: u64, armed_ns
 
 /// Sends a captured vCPU to `holder`, the node the policy chose it to go to.
 fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: VcpuState) {
+    node.loads[holder as usize].fetch_add(1, Ordering::Relaxed);
     node.send(
         holder,
         Message::VcpuMove {
@@ -464,6 +467,8 @@ fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: V
             page,
             fault_ns,
             clock_ns: node.clock_ns(),
+            // This vCPU still counts here until its thread sees it moved.
+            sender_vcpus: node.resident.load(Ordering::Relaxed).saturating_sub(1),
             state: state.encode(),
         },
     );
@@ -484,6 +489,13 @@ fn decide(node: &Node, ctx: &mut Ctx, id: u32, f: &mut Remote, forced: bool) -> 
     let decision = if ruled {
         Decision::MovePage
     } else {
+        for (n, l) in ctx.loads.iter_mut().enumerate() {
+            *l = if n == node.me as usize {
+                node.resident.load(Ordering::Relaxed)
+            } else {
+                node.loads[n].load(Ordering::Relaxed)
+            };
+        }
         let fc = FaultContext {
             vcpu: id,
             node: node.me,
@@ -496,6 +508,8 @@ fn decide(node: &Node, ctx: &mut Ctx, id: u32, f: &mut Remote, forced: bool) -> 
             local_vcpus: node.resident.load(Ordering::Relaxed),
             page_heat: node.pages.heat(page),
             history: &ctx.history,
+            node_vcpus: &ctx.loads,
+            cpus: node.cpus,
         };
         let t = Instant::now();
         let d = node

@@ -83,6 +83,13 @@ pub(super) struct Node {
     pub stop: AtomicBool,
     pub pause: PauseGate,
     pub resident: AtomicU32,
+    /// vCPUs running on each node as this node last heard (its own entry unused: see
+    /// `resident`). Starts from the initial placement; a vCPU sent to a node counts
+    /// there at once, and every `VcpuMove` tells what its sender has left. A hint for
+    /// policies: a node's vCPUs that finished count until it next sends one away.
+    pub loads: Vec<AtomicU32>,
+    /// CPUs this node may run on (its affinity mask), taken to be every node's.
+    pub cpus: u32,
     pub threads: Mutex<Vec<Option<libc::pthread_t>>>,
     pub counters: Counters,
     pub samples: Mutex<SampleSet>,
@@ -344,12 +351,20 @@ impl Node {
                 page,
                 fault_ns,
                 clock_ns,
+                sender_vcpus,
                 state,
             } => {
                 let slot = self
                     .slots
                     .get(vcpu as usize)
                     .ok_or_else(|| protocol(format!("unknown vCPU {vcpu}")))?;
+                if sender_vcpus > self.vcpus {
+                    return Err(protocol(format!(
+                        "a move from a node that says it runs {sender_vcpus} of {} vCPUs",
+                        self.vcpus
+                    )));
+                }
+                self.loads[from as usize].store(sender_vcpus, Ordering::Relaxed);
                 slot.update(|i| {
                     i.arrival = Some(Arrival {
                         from,
@@ -611,6 +626,10 @@ impl Node {
             stop: AtomicBool::new(false),
             pause: PauseGate::new(spec.vcpus),
             resident: AtomicU32::new(0),
+            loads: (0..spec.nodes)
+                .map(|n| AtomicU32::new(spec.vcpu_nodes.iter().filter(|&&v| v == n).count() as u32))
+                .collect(),
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get() as u32),
             threads: Mutex::new(vec![None; spec.vcpus as usize]),
             counters: Counters::default(),
             samples: Mutex::new(SampleSet::default()),

@@ -71,6 +71,7 @@ fn vcpu_loop(node: &Node, vcpu: &mut Vcpu, mut here: bool) -> Result<(), Error> 
         history: History::default(),
         arrived_rip: None,
         spurious: (0, 0),
+        loads: vec![0; node.nodes as usize],
     };
     if here {
         node.resident.fetch_add(1, Ordering::Relaxed);
