@@ -90,7 +90,12 @@ pub fn link_delay(file: &ClusterFile) -> Result<Duration> {
 }
 
 /// What a trace records about the run.
-pub fn trace_meta(file: &ClusterFile, spec: &ClusterSpec, sample_rate: u32) -> TraceMeta {
+pub fn trace_meta(
+    file: &ClusterFile,
+    spec: &ClusterSpec,
+    observe: &crate::node::ObserveArgs,
+) -> TraceMeta {
+    let sample_rate = observe.sample_rate;
     let read = |p: &str| {
         std::fs::read_to_string(p)
             .map(|s| s.trim().to_string())
@@ -130,6 +135,9 @@ pub fn trace_meta(file: &ClusterFile, spec: &ClusterSpec, sample_rate: u32) -> T
             vcpu_nodes: spec.vcpu_nodes.clone(),
             stack_bytes: spec.stack_bytes,
             link_delay_ns: file.link_delay_us.unwrap_or(0).saturating_mul(1000),
+            touch_epoch_ns: observe
+                .touch_epoch_ms
+                .map_or(0, |ms| u64::from(ms) * 1_000_000),
             // The rest is known when the run is over: the launcher fills it in.
             ..Default::default()
         }),

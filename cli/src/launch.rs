@@ -490,6 +490,9 @@ fn node_observe_args(
             l.observe.sample_rate.to_string(),
         ]);
     }
+    if let Some(ms) = l.observe.touch_epoch_ms {
+        a.extend(["--touch-epoch-ms".to_string(), ms.to_string()]);
+    }
     for (_, signal, value) in l.inject_health.iter().filter(|(n, _, _)| *n == id) {
         a.extend(["--inject-health".to_string(), format!("{signal}={value}")]);
     }

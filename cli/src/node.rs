@@ -57,6 +57,17 @@ pub struct ObserveArgs {
     /// Sampled access tracking: pages armed per second per node (0 = off).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
     pub sample_rate: u32,
+    /// Reference-stream recording (slow): every MS milliseconds each node arms every page
+    /// it holds, so the trace has each page's first touch in each epoch by a vCPU of
+    /// that node, whatever the policy moved (docs/telemetry.md). Needs --trace.
+    #[arg(
+        long,
+        value_name = "MS",
+        conflicts_with = "sample_rate",
+        requires = "trace",
+        value_parser = clap::value_parser!(u32).range(1..=10_000)
+    )]
+    pub touch_epoch_ms: Option<u32>,
 }
 
 fn parse_linger(s: &str) -> Result<f64, String> {
@@ -68,7 +79,10 @@ fn parse_linger(s: &str) -> Result<f64, String> {
 
 impl ObserveArgs {
     pub fn any(&self) -> bool {
-        self.metrics.is_some() || self.trace.is_some() || self.sample_rate > 0
+        self.metrics.is_some()
+            || self.trace.is_some()
+            || self.sample_rate > 0
+            || self.touch_epoch_ms.is_some()
     }
 }
 
@@ -119,9 +133,13 @@ pub fn node(args: NodeArgs) -> Result<i32> {
         metrics_linger: args.observe.metrics_linger.map(Duration::from_secs_f64),
         trace: args.observe.trace.as_ref().map(|path| TraceSetup {
             path: path.clone(),
-            meta: config::trace_meta(&file, &setup.spec, args.observe.sample_rate),
+            meta: config::trace_meta(&file, &setup.spec, &args.observe),
         }),
         sample_rate: args.observe.sample_rate,
+        touch_epoch: args
+            .observe
+            .touch_epoch_ms
+            .map(|ms| Duration::from_millis(ms.into())),
         sysfs_root: args.sysfs_root.clone(),
         health_inject: args.inject_health.clone(),
         forward_console: false,

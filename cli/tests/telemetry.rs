@@ -687,3 +687,42 @@ fn the_python_reader_reads_the_version_1_datasets() {
         assert_eq!(m["nodes"], s["nodes"], "{m}");
     }
 }
+
+#[test]
+fn a_reference_stream_records_touches_the_policy_never_faulted_on() {
+    if !kvm() {
+        return;
+    }
+    // Under always-vcpu the vCPUs gather where the data is, so faults alone show few
+    // pages; the reference stream shows every page touched in each 2 ms epoch.
+    let file = temp("touch.ftrace");
+    let v = run_json(&[
+        "run",
+        "--workload",
+        "bfs",
+        "--args",
+        "vertices=30000 degree=4",
+        "--vcpus",
+        "2",
+        "--nodes",
+        "2",
+        "--policy",
+        "always-vcpu",
+        "--trace",
+        file.to_str().unwrap(),
+        "--touch-epoch-ms",
+        "2",
+        "--json",
+    ]);
+    let out = flotilla(&["trace", "stats", file.to_str().unwrap(), "--json"]);
+    let s = json(&out);
+    let touches = s["by_kind"]["access_sample"].as_u64().unwrap_or(0);
+    let faults = v["remote_faults"].as_u64().unwrap();
+    assert!(touches > faults, "{touches} touches, {faults} faults: {s}");
+    if let Some(m) = python_meta(&file) {
+        assert_eq!(m["run"]["touch_epoch_ns"], 2_000_000, "{m}");
+    }
+    let out = flotilla(&["run", "--workload", "bfs", "--touch-epoch-ms", "2"]);
+    assert!(stderr(&out).contains("--trace"), "{}", stderr(&out));
+    let _ = std::fs::remove_file(file);
+}

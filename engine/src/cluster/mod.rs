@@ -174,6 +174,9 @@ pub struct Observe {
     pub trace: Option<TraceSetup>,
     /// Sampled access tracking: pages armed per second (0 = off). See `sampler`.
     pub sample_rate: u32,
+    /// Reference-stream recording: every epoch, arm every page this node holds and has
+    /// mapped, so the first touch of each page in each epoch is recorded. See `sampler`.
+    pub touch_epoch: Option<Duration>,
     /// Read health signals from this tree instead of `/sys`.
     pub sysfs_root: Option<PathBuf>,
     /// Health signals to report whatever `/sys` says.
@@ -225,4 +228,12 @@ pub fn quantile(samples: &mut [u32], q: f64) -> u32 {
     samples.sort_unstable();
     let i = ((samples.len() - 1) as f64 * q).round() as usize;
     samples[i.min(samples.len() - 1)]
+}
+
+impl Observe {
+    /// Whether the sampler runs (access sampling or reference-stream recording), which
+    /// needs the fault trap even on a node alone.
+    pub fn samples(&self) -> bool {
+        self.sample_rate > 0 || self.touch_epoch.is_some()
+    }
 }

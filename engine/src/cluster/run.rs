@@ -72,7 +72,7 @@ fn build(
     vcpu_states: impl Fn(&Vcpu) -> Result<(), crate::kvm::KvmError>,
 ) -> Result<BootedNode, Error> {
     let hypervisor = Hypervisor::open()?;
-    let alone = spec.nodes == 1 && observe.sample_rate == 0;
+    let alone = spec.nodes == 1 && !observe.samples();
     let vm = hypervisor.create_vm(&memory)?;
     let mut vcpus = Vec::new();
     for id in 0..spec.vcpus {
@@ -151,7 +151,7 @@ impl BootedNode {
         check_args(&spec.args)?;
         let image = Image::parse(image, spec.mem_bytes)?;
         let layout = BootLayout::new(&image, spec.vcpus, spec.mem_bytes, spec.stack_bytes)?;
-        let alone = spec.nodes == 1 && observe.sample_rate == 0;
+        let alone = spec.nodes == 1 && !observe.samples();
         let memory = Arc::new(GuestMemory::new(spec.mem_bytes)?);
         if !alone {
             // Pages move one 4 KiB page at a time.
@@ -186,7 +186,7 @@ impl BootedNode {
     ) -> Result<BootedNode, Error> {
         spec.check(0)?;
         check_machine(spec.vcpus, spec.mem_bytes)?;
-        if spec.nodes != 1 || observe.sample_rate != 0 {
+        if spec.nodes != 1 || observe.samples() {
             return Err(Error::PauseNeedsOneNode(spec.nodes));
         }
         let n = spec.vcpus as usize;
@@ -303,12 +303,15 @@ impl BootedNode {
                 l.all_returned();
             }
         }
-        if observe.sample_rate > 0 {
+        if observe.samples() {
             let n = Arc::clone(&node);
-            let rate = observe.sample_rate;
+            let mode = match observe.touch_epoch {
+                Some(epoch) => sampler::Mode::Sweep(epoch),
+                None => sampler::Mode::Rate(observe.sample_rate),
+            };
             let h = std::thread::Builder::new()
                 .name(format!("n{me}sampler"))
-                .spawn(move || sampler::sampler_thread(n, rate))
+                .spawn(move || sampler::sampler_thread(n, mode))
                 .map_err(|e| thread_err("sampler", e))?;
             running.threads.push(h);
         }

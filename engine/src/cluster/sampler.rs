@@ -65,9 +65,25 @@ impl Node {
     }
 }
 
-/// The sampler thread: arms about `rate` pages a second until the run stops, then maps
-/// every armed page back.
-pub(super) fn sampler_thread(node: Arc<Node>, rate: u32) {
+/// What the sampler thread does.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode {
+    /// Arm about this many pages a second, round-robin (sampled access tracking).
+    Rate(u32),
+    /// Reference-stream recording: at the start of every epoch, arm every page this node
+    /// holds and has mapped (pages still armed from an epoch in which nothing touched
+    /// them stay armed). So each page's first touch by a vCPU of this node in each epoch
+    /// is recorded, whatever the policy did. An epoch lasts at least its length, and at
+    /// least one sweep of the pages touched in the last one.
+    Sweep(Duration),
+}
+
+/// The sampler thread, until the run stops; then it maps every armed page back.
+pub(super) fn sampler_thread(node: Arc<Node>, mode: Mode) {
+    let rate = match mode {
+        Mode::Rate(rate) => rate,
+        Mode::Sweep(epoch) => return sweep_thread(node, epoch),
+    };
     let (first, end) = (node.pages.first, node.pages.end);
     let mut cursor = first;
     // Pages owed, fractions carried from tick to tick, so low rates are kept too.
@@ -98,6 +114,29 @@ pub(super) fn sampler_thread(node: Arc<Node>, rate: u32) {
                     armed += 1;
                 }
             }
+        }
+        node.disarm_older(u64::MAX)
+    })();
+    if let Err(e) = result {
+        node.fail(e);
+    }
+}
+
+/// [`Mode::Sweep`].
+fn sweep_thread(node: Arc<Node>, epoch: Duration) {
+    let (first, end) = (node.pages.first, node.pages.end);
+    let result = (|| -> Result<(), Error> {
+        while !node.stop.load(Ordering::SeqCst) {
+            let started = std::time::Instant::now();
+            for page in first..end {
+                if node.stop.load(Ordering::SeqCst) {
+                    break;
+                }
+                if !node.pages.placement.image.contains(&page) {
+                    node.arm(page)?;
+                }
+            }
+            std::thread::sleep(epoch.saturating_sub(started.elapsed()));
         }
         node.disarm_older(u64::MAX)
     })();
