@@ -9,8 +9,13 @@
 //! Every frame is validated on receipt ([`wire`]); a bad frame closes that link with a
 //! logged error and tells the [`Handler`], which ends the run naming the peer. Before any
 //! frame flows, both ends of a link prove knowledge of the cluster secret ([`auth`]).
+//!
+//! [`directory`] is the home side of the page protocol these messages carry: a pure
+//! state machine, shared by the engine and the trace-driven simulator so that both apply
+//! the same coherence rules.
 
 pub mod auth;
+pub mod directory;
 pub mod shm;
 pub mod tcp;
 pub mod wire;

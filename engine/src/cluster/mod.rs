@@ -19,7 +19,6 @@
 
 mod coherence;
 mod decode;
-pub mod directory;
 mod fault;
 mod futex;
 mod leader;

@@ -9,7 +9,6 @@
 //! pages in [`Node::acquire`]. Nothing holds a page lock while sending, and the directory
 //! lock is never held together with a page lock.
 
-use super::directory::{Outgoing, PageDirectory};
 use super::leader::Leader;
 use super::pages::PageTable;
 use super::stats::{Counters, Sample, SampleSet};
@@ -24,6 +23,7 @@ use flotilla_telemetry::health::HealthReader;
 use flotilla_telemetry::metrics::{Direction, NodeMetrics, Snapshot};
 use flotilla_telemetry::record::Recorder;
 use flotilla_telemetry::trace::{Event, EventKind, NONE16};
+use flotilla_transport::directory::{Outgoing, PageDirectory};
 use flotilla_transport::{Access, Handler, Message, NodeStats, Samples, Transport, TransportError};
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

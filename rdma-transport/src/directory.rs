@@ -8,7 +8,7 @@
 //! rules out two writable copies and lost pages, and the queue is what rules out
 //! starvation and deadlock (see the protocol document for the argument).
 
-use flotilla_transport::{Access, Message, NodeId};
+use crate::{Access, Message, NodeId};
 use std::collections::{HashMap, VecDeque};
 
 /// A message the directory wants sent.
@@ -277,7 +277,7 @@ mod tests {
     //! it, every copy holds the last value written, and no page is ever lost. At the
     //! end every request completes: no deadlock, whatever the interleaving.
     use super::*;
-    use flotilla_transport::wire::PAGE_BYTES;
+    use crate::wire::PAGE_BYTES;
     use proptest::prelude::*;
     use std::collections::VecDeque;
 
