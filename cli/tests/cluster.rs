@@ -50,7 +50,14 @@ fn every_workload_verifies_on_1_to_4_nodes_under_every_policy_and_transport() {
     let mut runs = 0;
     for (workload, args) in SMALL {
         for nodes in 1..=4u16 {
-            for policy in ["always-page", "always-vcpu", "random", "heuristic"] {
+            for policy in [
+                "always-page",
+                "always-vcpu",
+                "random",
+                "heuristic",
+                "numa-balancing",
+                "elasticos",
+            ] {
                 for transport in ["tcp", "shm"] {
                     let v = run_cluster(workload, args, nodes, policy, transport);
                     runs += 1;

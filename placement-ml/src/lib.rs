@@ -7,9 +7,13 @@
 //! policies (tract, linfa) live behind the same trait in a separate feature-gated module
 //! that the engine never needs to build.
 
+mod elastic;
 mod heuristic;
+mod numa;
 
+pub use elastic::Elastic;
 pub use heuristic::Heuristic;
+pub use numa::NumaBalancing;
 
 pub use flotilla_coherence::{Access, Decision, NodeId};
 
@@ -105,6 +109,20 @@ impl FaultContext<'_> {
             .saturating_sub(1);
         there <= self.cpus.max(here)
     }
+
+    /// Whether sending this vCPU to `to` would pile vCPUs up there while this node's CPUs
+    /// idle: it is the last vCPU here and `to` already runs at least as many vCPUs as it
+    /// has CPUs. The weakest load rule: every published policy here keeps to it, so none
+    /// gathers every vCPU on one node while another node has idle CPUs.
+    pub fn would_pile_up(&self, to: NodeId) -> bool {
+        let here = self
+            .node_vcpus
+            .get(self.node as usize)
+            .copied()
+            .unwrap_or(self.local_vcpus);
+        let there = self.node_vcpus.get(to as usize).copied().unwrap_or(0);
+        here <= 1 && there >= self.cpus
+    }
 }
 
 /// A placement policy. Called on the faulting vCPU's thread; must be cheap and must not
@@ -176,11 +194,18 @@ impl Policy for Random {
 }
 
 /// The policies `--policy` accepts.
-pub const POLICY_NAMES: [&str; 4] = ["always-page", "always-vcpu", "random", "heuristic"];
+pub const POLICY_NAMES: [&str; 6] = [
+    "always-page",
+    "always-vcpu",
+    "random",
+    "heuristic",
+    "numa-balancing",
+    "elasticos",
+];
 
 /// A `--policy` name that is not one of [`POLICY_NAMES`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown policy '{0}' (known: always-page, always-vcpu, random, heuristic)")]
+#[error("unknown policy '{0}' (known: always-page, always-vcpu, random, heuristic, numa-balancing, elasticos)")]
 pub struct UnknownPolicy(pub String);
 
 /// Builds the policy called `name` for `node`. `seed` seeds `random` (mixed with the
@@ -193,6 +218,8 @@ pub fn by_name(name: &str, seed: u64, node: NodeId) -> Result<Box<dyn Policy>, U
             seed ^ (node as u64).wrapping_mul(0xA24B_AED4_963E_E407),
         )),
         "heuristic" => Box::new(Heuristic::default()),
+        "numa-balancing" => Box::new(NumaBalancing::default()),
+        "elasticos" => Box::new(Elastic::default()),
         other => return Err(UnknownPolicy(other.to_string())),
     })
 }
