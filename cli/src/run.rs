@@ -59,7 +59,8 @@ pub struct RunArgs {
     /// Node-to-node transport: tcp or shm.
     #[arg(long, default_value = "tcp")]
     pub transport: String,
-    /// Placement policy: always-page, always-vcpu, random or heuristic.
+    /// Placement policy: always-page, always-vcpu, random, heuristic, numa-balancing,
+    /// tidalscale or elasticos.
     #[arg(long, default_value = "heuristic")]
     pub policy: String,
     /// Seed of the random policy.

@@ -56,6 +56,7 @@ fn every_workload_verifies_on_1_to_4_nodes_under_every_policy_and_transport() {
                 "random",
                 "heuristic",
                 "numa-balancing",
+                "tidalscale",
                 "elasticos",
             ] {
                 for transport in ["tcp", "shm"] {

@@ -10,10 +10,12 @@
 mod elastic;
 mod heuristic;
 mod numa;
+mod tidal;
 
 pub use elastic::Elastic;
 pub use heuristic::Heuristic;
 pub use numa::NumaBalancing;
+pub use tidal::Tidal;
 
 pub use flotilla_coherence::{Access, Decision, NodeId};
 
@@ -194,18 +196,19 @@ impl Policy for Random {
 }
 
 /// The policies `--policy` accepts.
-pub const POLICY_NAMES: [&str; 6] = [
+pub const POLICY_NAMES: [&str; 7] = [
     "always-page",
     "always-vcpu",
     "random",
     "heuristic",
     "numa-balancing",
+    "tidalscale",
     "elasticos",
 ];
 
 /// A `--policy` name that is not one of [`POLICY_NAMES`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown policy '{0}' (known: always-page, always-vcpu, random, heuristic, numa-balancing, elasticos)")]
+#[error("unknown policy '{0}' (known: always-page, always-vcpu, random, heuristic, numa-balancing, tidalscale, elasticos)")]
 pub struct UnknownPolicy(pub String);
 
 /// Builds the policy called `name` for `node`. `seed` seeds `random` (mixed with the
@@ -219,6 +222,7 @@ pub fn by_name(name: &str, seed: u64, node: NodeId) -> Result<Box<dyn Policy>, U
         )),
         "heuristic" => Box::new(Heuristic::default()),
         "numa-balancing" => Box::new(NumaBalancing::default()),
+        "tidalscale" => Box::new(Tidal::default()),
         "elasticos" => Box::new(Elastic::default()),
         other => return Err(UnknownPolicy(other.to_string())),
     })
