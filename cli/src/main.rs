@@ -12,6 +12,7 @@ mod config;
 mod cpus;
 mod launch;
 mod node;
+mod replay;
 mod report;
 mod run;
 mod sizing;
@@ -50,6 +51,8 @@ enum Command {
     /// Look into recorded fault traces (stats, export).
     #[command(subcommand)]
     Trace(trace::TraceCmd),
+    /// Replay a trace under a policy and cluster shape in the simulator.
+    Replay(replay::ReplayArgs),
 }
 
 fn main() {
@@ -87,6 +90,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Node(a) => node::node(a),
         Command::Bench(b) => bench::bench(b),
         Command::Trace(t) => trace::trace(t),
+        Command::Replay(r) => replay::replay(r),
     }
 }
 

@@ -1,0 +1,120 @@
+//! `flotilla replay TRACE`: what would the recorded run have cost under another policy, on
+//! another cluster? The trace-driven simulator (`flotilla_sim`) replays the trace's
+//! touches (a reference stream when it was recorded with `--touch-epoch-ms`).
+
+use anyhow::{anyhow, bail, Result};
+use clap::Args;
+use flotilla_sim::{Costs, Shape};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Instant;
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// The trace (*.ftrace or *.ftrace.gz).
+    pub trace: PathBuf,
+    /// Placement policy (default: the one the trace was recorded under).
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// Nodes of the simulated cluster (default: the trace's).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub nodes: Option<u16>,
+    /// CPUs per node (default: the trace's CPU sets, or 1).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub cpus_per_node: Option<u32>,
+    /// One-way link latency to simulate, in µs, in place of the recorded run's link
+    /// (its emulated delay, 0 for plain loopback): every round trip changes by twice the
+    /// difference.
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub link_us: Option<u64>,
+    /// Print exactly one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn replay(a: ReplayArgs) -> Result<i32> {
+    let trace = flotilla_telemetry::trace::read_file(&a.trace)
+        .map_err(|e| anyhow!("trace {}: {e}", a.trace.display()))?;
+    let meta = &trace.meta;
+    let policy = a.policy.clone().unwrap_or_else(|| meta.policy.clone());
+    flotilla_placement::by_name(&policy, meta.seed, 0).map_err(|e| anyhow!("--policy: {e}"))?;
+    let run = meta.run.as_ref();
+    let shape = Shape {
+        nodes: a.nodes.unwrap_or(meta.nodes),
+        cpus: a.cpus_per_node.unwrap_or_else(|| {
+            run.and_then(|r| r.cpu_sets.first().map(|s| s.len() as u32))
+                .filter(|&c| c > 0)
+                .unwrap_or(1)
+        }),
+    };
+    let recorded_delay_ns = run.map_or(0, |r| r.link_delay_ns) as i64;
+    let mut costs = Costs::from_trace(&trace);
+    if let Some(us) = a.link_us {
+        costs = costs.with_link_delta(us as i64 * 1000 - recorded_delay_ns);
+    }
+    if trace.events.is_empty() {
+        bail!("trace {}: no events to replay", a.trace.display());
+    }
+    let started = Instant::now();
+    let seed = meta.seed;
+    let out = flotilla_sim::replay(&trace, &shape, &costs, |n| {
+        flotilla_placement::by_name(&policy, seed, n).expect("checked above")
+    })
+    .map_err(|e| anyhow!("replaying {}: {e}", a.trace.display()))?;
+    let took = started.elapsed().as_secs_f64();
+    let rate = out.events as f64 / took.max(1e-9);
+    let reference = run.is_some_and(|r| r.touch_epoch_ns > 0);
+    if a.json {
+        let v = json!({
+            "trace": a.trace.display().to_string(),
+            "workload": meta.workload,
+            "policy": policy,
+            "recorded_policy": meta.policy,
+            "nodes": shape.nodes,
+            "cpus_per_node": shape.cpus,
+            "link_us": a.link_us,
+            "reference_stream": reference,
+            "wall_ms": out.wall_ms,
+            "stall_ms": out.stall_ms,
+            "remote_faults": out.remote_faults,
+            "page_moves": out.page_moves,
+            "replicas_made": out.replicas_made,
+            "invalidations": out.invalidations,
+            "vcpu_moves": out.vcpu_moves,
+            "bytes_sent": out.bytes_sent,
+            "events": out.events,
+            "replay_events_per_s": rate.round(),
+            "costs_ns": {
+                "fetch": costs.fetch_ns, "upgrade": costs.upgrade_ns,
+                "invalidate": costs.invalidate_ns, "move": costs.move_ns,
+            },
+        });
+        crate::say(&v.to_string());
+    } else {
+        crate::say(&format!(
+            "{} replayed under {policy} on {} nodes × {} CPU{}: predicted {:.1} ms ({:.1} ms stalled)",
+            if meta.workload.is_empty() { &meta.image } else { &meta.workload },
+            shape.nodes,
+            shape.cpus,
+            if shape.cpus == 1 { "" } else { "s" },
+            out.wall_ms,
+            out.stall_ms
+        ));
+        crate::say(&format!(
+            "  remote faults {}, page moves {} ({} replicas), invalidations {}, vCPU moves {}, {} bytes sent",
+            out.remote_faults, out.page_moves, out.replicas_made, out.invalidations, out.vcpu_moves, out.bytes_sent
+        ));
+        crate::say(&format!(
+            "  {} touches{} in {:.3} s ({:.1} M events/s)",
+            out.events,
+            if reference {
+                " (reference stream)"
+            } else {
+                " (faults and samples only: not a reference stream)"
+            },
+            took,
+            rate / 1e6
+        ));
+    }
+    Ok(0)
+}

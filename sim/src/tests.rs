@@ -1,0 +1,187 @@
+use super::*;
+use flotilla_placement::by_name;
+use flotilla_telemetry::trace::{Event, RunMeta, TraceMeta, ACCESS_READ, ACCESS_WRITE};
+
+/// A 2-node, 64 MiB trace with `touches` (vcpu, page, write) 10 µs apart per vCPU, as
+/// access samples, vCPU `v` starting on node `v % 2`.
+fn trace(vcpus: u32, touches: &[(u16, u64, bool)]) -> Trace {
+    let mut clock = vec![0u64; vcpus as usize];
+    let events = touches
+        .iter()
+        .map(|&(vcpu, page, write)| {
+            clock[vcpu as usize] += 10_000;
+            Event {
+                t_ns: clock[vcpu as usize],
+                page,
+                vcpu,
+                node: vcpu % 2,
+                peer: NONE16,
+                replicas: NONE16,
+                kind: EventKind::AccessSample as u8,
+                access: if write { ACCESS_WRITE } else { ACCESS_READ },
+                ..Default::default()
+            }
+        })
+        .collect();
+    Trace {
+        meta: TraceMeta {
+            nodes: 2,
+            vcpus,
+            mem_bytes: 64 << 20,
+            run: Some(RunMeta {
+                ram: "contiguous".into(),
+                vcpu_nodes: (0..vcpus).map(|v| (v % 2) as u16).collect(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        events,
+    }
+}
+
+const COSTS: Costs = Costs {
+    fetch_ns: 100_000,
+    upgrade_ns: 60_000,
+    invalidate_ns: 60_000,
+    move_ns: 200_000,
+    install_ns: 5_000,
+};
+
+fn shape() -> Shape {
+    Shape { nodes: 2, cpus: 1 }
+}
+
+fn run(t: &Trace, policy: &str) -> Outcome {
+    replay(t, &shape(), &COSTS, |n| by_name(policy, 1, n).unwrap()).unwrap()
+}
+
+#[test]
+fn pages_come_to_the_vcpu_or_the_vcpu_goes_to_them() {
+    // vCPU 1 (node 1) reads 100 pages of node 0's half of RAM.
+    let touches: Vec<_> = (0..100).map(|i| (1u16, 1000 + i, false)).collect();
+    let t = trace(2, &touches);
+    let page = run(&t, "always-page");
+    assert_eq!(page.remote_faults, 100);
+    assert_eq!(page.page_moves, 100);
+    assert_eq!(page.replicas_made, 100);
+    assert_eq!(page.vcpu_moves, 0);
+    let vcpu = run(&t, "always-vcpu");
+    assert_eq!(vcpu.remote_faults, 1, "after one move every page is local");
+    assert_eq!(vcpu.vcpu_moves, 1);
+    // 100 fetches against one move.
+    assert!(page.stall_ms > vcpu.stall_ms * 10.0, "{page:?} {vcpu:?}");
+}
+
+#[test]
+fn write_sharing_invalidates_and_ping_pongs() {
+    // Two vCPUs on two nodes take turns writing one page of node 0.
+    let touches: Vec<_> = (0..20).map(|i| ((i % 2) as u16, 2000, true)).collect();
+    let t = trace(2, &touches);
+    let o = run(&t, "always-page");
+    // Every fault moves the page (no replicas of a written page). How many there are
+    // depends on timing: a vCPU stalled on the page lets the other write it meanwhile.
+    assert!((2..=19).contains(&o.remote_faults), "{o:?}");
+    assert_eq!(o.page_moves, o.remote_faults);
+    assert_eq!(o.replicas_made, 0);
+    let alone = replay(&t, &Shape { nodes: 1, cpus: 2 }, &COSTS, |n| {
+        by_name("always-page", 1, n).unwrap()
+    })
+    .unwrap();
+    assert_eq!(alone.remote_faults, 0);
+    // Reads then a write: replicas made, then invalidated.
+    let touches = [
+        (0, 3000, false),
+        (1, 3000, false),
+        (0, 3001, false),
+        (0, 3000, true),
+    ];
+    let o = run(&trace(2, &touches), "always-page");
+    assert_eq!(o.replicas_made, 1);
+    assert_eq!(o.invalidations, 1);
+    assert_eq!(o.remote_faults, 2, "vCPU 1's read, vCPU 0's upgrade");
+}
+
+#[test]
+fn a_slower_link_costs_more_and_more_cpus_cost_less() {
+    let touches: Vec<_> = (0..50)
+        .flat_map(|i| {
+            [
+                (0u16, 1000 + i, false),
+                (1u16, 2000 + i, false),
+                (2u16, 3000 + i, false),
+            ]
+        })
+        .collect();
+    let t = trace(3, &touches);
+    let base = replay(&t, &shape(), &COSTS, |n| {
+        by_name("always-page", 1, n).unwrap()
+    })
+    .unwrap();
+    let slow = replay(&t, &shape(), &COSTS.with_link_delta(100_000), |n| {
+        by_name("always-page", 1, n).unwrap()
+    })
+    .unwrap();
+    assert!(slow.wall_ms > base.wall_ms, "{base:?} {slow:?}");
+    assert_eq!(slow.remote_faults, base.remote_faults);
+    // vCPUs 0 and 2 share node 0's one CPU; with 2 CPUs a node they do not.
+    let local: Vec<_> = (0..50)
+        .flat_map(|i| [(0u16, 1000 + i, false), (2u16, 3000 + i, false)])
+        .collect();
+    let t = trace(3, &local);
+    let base = replay(&t, &shape(), &COSTS, |n| {
+        by_name("always-page", 1, n).unwrap()
+    })
+    .unwrap();
+    let wide = replay(&t, &Shape { nodes: 2, cpus: 2 }, &COSTS, |n| {
+        by_name("always-page", 1, n).unwrap()
+    })
+    .unwrap();
+    assert!(wide.wall_ms < base.wall_ms, "{base:?} {wide:?}");
+}
+
+#[test]
+fn more_nodes_than_recorded_and_bad_shapes() {
+    let touches: Vec<_> = (0..40)
+        .map(|i| ((i % 4) as u16, 1000 + i * 50, true))
+        .collect();
+    let t = trace(4, &touches);
+    let o = replay(&t, &Shape { nodes: 8, cpus: 1 }, &COSTS, |n| {
+        by_name("heuristic", 1, n).unwrap()
+    })
+    .unwrap();
+    assert_eq!(o.events, 40);
+    let err = |s: Shape| {
+        replay(&t, &s, &COSTS, |n| by_name("always-page", 1, n).unwrap())
+            .unwrap_err()
+            .to_string()
+    };
+    assert!(err(Shape { nodes: 0, cpus: 1 }).contains("1 to 64 nodes"));
+    assert!(err(Shape { nodes: 65, cpus: 1 }).contains("1 to 64 nodes"));
+    assert!(err(Shape { nodes: 2, cpus: 0 }).contains("at least one CPU"));
+    let beyond = trace(2, &[(0, 1 << 30, false)]);
+    let e = replay(&beyond, &shape(), &COSTS, |n| {
+        by_name("always-page", 1, n).unwrap()
+    });
+    assert!(e.unwrap_err().to_string().contains("beyond the guest's"));
+    let empty = trace(2, &[]);
+    let e = replay(&empty, &shape(), &COSTS, |n| {
+        by_name("always-page", 1, n).unwrap()
+    });
+    assert!(matches!(e, Err(SimError::Empty)));
+}
+
+#[test]
+fn costs_come_from_the_trace() {
+    let mut t = trace(2, &[(1, 1000, false)]);
+    let run = t.meta.run.as_mut().unwrap();
+    run.costs.rtt_4k_ns = 50_000;
+    run.costs.fault_service_ns = 90_000;
+    run.costs.vcpu_move_ns = 210_000;
+    let c = Costs::from_trace(&t);
+    assert_eq!(
+        (c.fetch_ns, c.upgrade_ns, c.move_ns),
+        (90_000, 50_000, 210_000)
+    );
+    let o = replay(&t, &shape(), &c, |n| by_name("always-page", 1, n).unwrap()).unwrap();
+    assert_eq!(o.stall_ms, 0.09);
+}
