@@ -20,6 +20,26 @@ pub enum Bench {
     /// Does distribution pay off: each workload on 1 node × 1 CPU against 2 pinned nodes
     /// × 1 CPU each, under every policy.
     Scaling(ScalingArgs),
+    /// Simulator throughput: touches replayed per second on one core.
+    Replay(ReplayBenchArgs),
+}
+
+#[derive(Args)]
+pub struct ReplayBenchArgs {
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Replays; the median is reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Replay this trace (default: a synthetic one of `--events` touches).
+    #[arg(long)]
+    trace: Option<std::path::PathBuf>,
+    /// Touches in the synthetic trace.
+    #[arg(long, default_value_t = 5_000_000, value_parser = clap::value_parser!(u64).range(1..=50_000_000))]
+    events: u64,
+    #[arg(long, default_value = "heuristic")]
+    policy: String,
 }
 
 #[derive(Args)]
@@ -34,7 +54,7 @@ pub struct ScalingArgs {
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
     /// Comma-separated policies for the 2-node side.
-    #[arg(long, value_delimiter = ',', default_values_t = ["always-page", "always-vcpu", "random", "heuristic"].map(String::from))]
+    #[arg(long, value_delimiter = ',', default_values_t = ["always-page", "always-vcpu", "random", "heuristic", "numa-balancing", "tidalscale", "elasticos"].map(String::from))]
     policies: Vec<String>,
     #[arg(long, default_value = "tcp")]
     transport: String,
@@ -130,6 +150,7 @@ pub fn bench(b: Bench) -> Result<i32> {
         Bench::VcpuMove(a) => cluster_bench(a, Kind::Move),
         Bench::TraceOverhead(a) => trace_overhead(a),
         Bench::Scaling(a) => scaling(a),
+        Bench::Replay(a) => replay_bench(a),
     }
 }
 
@@ -765,6 +786,109 @@ fn scaling(a: ScalingArgs) -> Result<i32> {
     } else {
         crate::say_err(&format!(
             "geometric mean of the best speedups: {geomean:.2}"
+        ));
+    }
+    Ok(0)
+}
+
+/// A synthetic trace of `events` touches: 4 vCPUs on 2 nodes over 256 MiB, each touching
+/// mostly its own quarter of RAM (80 %), else anywhere; one touch in ten a write.
+fn synthetic_trace(events: u64) -> flotilla_telemetry::trace::Trace {
+    use flotilla_telemetry::trace::{Event, EventKind, RunMeta, Trace, TraceMeta, NONE16};
+    let (vcpus, mem) = (4u32, 256u64 << 20);
+    let pages = mem / 4096 - 512;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let events = (0..events)
+        .map(|i| {
+            let vcpu = (i % vcpus as u64) as u16;
+            let r = next();
+            let page = 512
+                + if r % 10 < 8 {
+                    vcpu as u64 * pages / 4 + (r >> 8) % (pages / 4)
+                } else {
+                    (r >> 8) % pages
+                };
+            Event {
+                t_ns: i * 250,
+                page,
+                vcpu,
+                node: vcpu % 2,
+                peer: NONE16,
+                replicas: NONE16,
+                kind: EventKind::AccessSample as u8,
+                access: u8::from(r % 100 < 10),
+                ..Default::default()
+            }
+        })
+        .collect();
+    Trace {
+        meta: TraceMeta {
+            workload: "synthetic".into(),
+            nodes: 2,
+            vcpus,
+            mem_bytes: mem,
+            run: Some(RunMeta {
+                ram: "contiguous".into(),
+                vcpu_nodes: vec![0, 1, 0, 1],
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        events,
+    }
+}
+
+fn replay_bench(a: ReplayBenchArgs) -> Result<i32> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    flotilla_placement::by_name(&a.policy, 1, 0).map_err(|e| anyhow!("--policy: {e}"))?;
+    let trace = match &a.trace {
+        Some(p) => flotilla_telemetry::trace::read_file(p)
+            .map_err(|e| anyhow!("trace {}: {e}", p.display()))?,
+        None => synthetic_trace(a.events),
+    };
+    let shape = flotilla_sim::Shape {
+        nodes: trace.meta.nodes,
+        cpus: 1,
+    };
+    let costs = flotilla_sim::Costs::from_trace(&trace);
+    let mut rates = Vec::new();
+    let mut touches = 0;
+    for _ in 0..a.runs {
+        let t = std::time::Instant::now();
+        let out = flotilla_sim::replay(&trace, &shape, &costs, |n| {
+            flotilla_placement::by_name(&a.policy, 1, n).expect("checked above")
+        })
+        .map_err(|e| anyhow!("replay: {e}"))?;
+        touches = out.events;
+        rates.push(out.events as f64 / t.elapsed().as_secs_f64());
+    }
+    let rate = median(rates.clone());
+    if a.json {
+        crate::say(
+            &json!({
+                "trace": a.trace.as_ref().map(|p| p.display().to_string()),
+                "policy": a.policy,
+                "touches": touches,
+                "runs": a.runs,
+                "events_per_s": rate.round(),
+                "runs_events_per_s": rates.iter().map(|r| r.round()).collect::<Vec<_>>(),
+            })
+            .to_string(),
+        );
+    } else {
+        crate::say_err(&format!(
+            "replay: {touches} touches under {}, {:.2} M touches/s (median of {} runs on one core)",
+            a.policy,
+            rate / 1e6,
+            a.runs
         ));
     }
     Ok(0)

@@ -296,18 +296,16 @@ impl Pages {
             .map(|(to, m)| (home, to, m))
             .collect();
         while let Some((from, to, msg)) = queue.pop_front() {
-            moved.bytes += match msg {
-                Message::PageData { .. } => PAGE_FRAME,
-                _ => SMALL_FRAME,
-            };
+            moved.bytes += SMALL_FRAME;
             let out: Vec<(NodeId, Message)> = match msg {
                 Message::Fetch {
                     page,
                     want,
                     requester,
-                    copies,
+                    ..
                 } => {
-                    // `to` owns it: downgrade or give it up, and send the data.
+                    // `to` owns it: it downgrades or gives it up and sends the data
+                    // (`PageData`, taken here at once: the simulator carries no bytes).
                     let h = &mut self.held[to as usize];
                     match want {
                         Access::Write => {
@@ -317,17 +315,7 @@ impl Pages {
                             h.insert(page, Held::Shared);
                         }
                     }
-                    vec![(
-                        requester,
-                        Message::PageData {
-                            page,
-                            want,
-                            data: Box::new([0; 4096]),
-                            copies,
-                        },
-                    )]
-                }
-                Message::PageData { page, want, .. } => {
+                    moved.bytes += PAGE_FRAME;
                     moved.data = true;
                     let state = if want == Access::Write {
                         Held::Owned
@@ -335,9 +323,10 @@ impl Pages {
                         moved.replica = true;
                         Held::Shared
                     };
-                    self.held[to as usize].insert(page, state);
-                    *self.heat[to as usize].entry(page).or_default() += 1;
-                    vec![(home, Message::Done { page })]
+                    self.held[requester as usize].insert(page, state);
+                    *self.heat[requester as usize].entry(page).or_default() += 1;
+                    queue.push_back((requester, home, Message::Done { page }));
+                    Vec::new()
                 }
                 Message::Grant { page, .. } => {
                     self.held[to as usize].insert(page, Held::Owned);
