@@ -22,7 +22,43 @@ pub enum Bench {
     Scaling(ScalingArgs),
     /// Simulator throughput: touches replayed per second on one core.
     Replay(ReplayBenchArgs),
+    /// Simulator fidelity: every workload live on the pinned 2-node testbed under every
+    /// policy, against replays of one reference stream per workload.
+    SimFidelity(FidelityArgs),
 }
+
+#[derive(Args)]
+pub struct FidelityArgs {
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// Live runs of each (workload, policy); medians are compared.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Comma-separated workloads (default: all, at the sizes of `FIDELITY_ARGS`).
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
+    /// Comma-separated policies.
+    #[arg(long, value_delimiter = ',', default_values_t = ["always-page", "always-vcpu", "random", "heuristic", "numa-balancing", "tidalscale", "elasticos"].map(String::from))]
+    policies: Vec<String>,
+    /// The policy the reference streams are recorded under.
+    #[arg(long, default_value = "always-page")]
+    record_policy: String,
+    /// Reference-stream epoch in ms.
+    #[arg(long, default_value_t = 5)]
+    touch_epoch_ms: u32,
+}
+
+/// Smaller than `SCALING_ARGS`: reference-stream recording is about 30 times slower.
+pub const FIDELITY_ARGS: [(&str, &str); 7] = [
+    ("stream", "n=1m reps=100"),
+    ("matmul", "n=600"),
+    ("bfs", "vertices=300000 degree=8"),
+    ("kvstore", "ops=4m keys=100000"),
+    ("sort", "n=2m"),
+    ("queue", "items=200000 capacity=64"),
+    ("chase", "nodes=250000 steps=250000"),
+];
 
 #[derive(Args)]
 pub struct ReplayBenchArgs {
@@ -151,6 +187,7 @@ pub fn bench(b: Bench) -> Result<i32> {
         Bench::TraceOverhead(a) => trace_overhead(a),
         Bench::Scaling(a) => scaling(a),
         Bench::Replay(a) => replay_bench(a),
+        Bench::SimFidelity(a) => sim_fidelity(a),
     }
 }
 
@@ -675,6 +712,16 @@ struct Pinned<'a> {
 impl Pinned<'_> {
     /// One run's wall time, after checking the checksum.
     fn run(&self, nodes: u16, policy: &str, timeout: std::time::Duration) -> Result<f64> {
+        self.run_observed(nodes, policy, timeout, Default::default())
+    }
+
+    fn run_observed(
+        &self,
+        nodes: u16,
+        policy: &str,
+        timeout: std::time::Duration,
+        observe: crate::node::ObserveArgs,
+    ) -> Result<f64> {
         let w = self.workload;
         let name = &w.name;
         let launch = Launch {
@@ -682,6 +729,7 @@ impl Pinned<'_> {
             policy: policy.to_string(),
             timeout: Some(timeout),
             cpus_per_node: Some(1),
+            observe,
             ..Launch::workload(name, w.args, nodes, 4, w.mem)
         };
         let r = crate::launch::launch(&launch)?;
@@ -892,4 +940,201 @@ fn replay_bench(a: ReplayBenchArgs) -> Result<i32> {
         ));
     }
     Ok(0)
+}
+
+/// Ranks (1-based, ties averaged) of `v`.
+fn ranks(v: &[f64]) -> Vec<f64> {
+    let mut order: Vec<usize> = (0..v.len()).collect();
+    order.sort_by(|&a, &b| v[a].total_cmp(&v[b]));
+    let mut r = vec![0.0; v.len()];
+    let mut i = 0;
+    while i < order.len() {
+        let mut j = i;
+        while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+            j += 1;
+        }
+        let avg = (i + j) as f64 / 2.0 + 1.0;
+        for &k in &order[i..=j] {
+            r[k] = avg;
+        }
+        i = j + 1;
+    }
+    r
+}
+
+/// Spearman's rank correlation of two samples (Pearson's on their ranks).
+fn spearman(x: &[f64], y: &[f64]) -> Option<f64> {
+    if x.len() < 2 || x.len() != y.len() {
+        return None;
+    }
+    let (rx, ry) = (ranks(x), ranks(y));
+    let n = rx.len() as f64;
+    let (mx, my) = (rx.iter().sum::<f64>() / n, ry.iter().sum::<f64>() / n);
+    let cov: f64 = rx.iter().zip(&ry).map(|(a, b)| (a - mx) * (b - my)).sum();
+    let vx: f64 = rx.iter().map(|a| (a - mx).powi(2)).sum();
+    let vy: f64 = ry.iter().map(|b| (b - my).powi(2)).sum();
+    (vx > 0.0 && vy > 0.0).then(|| cov / (vx * vy).sqrt())
+}
+
+fn sim_fidelity(a: FidelityArgs) -> Result<i32> {
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    if !(1..=10_000).contains(&a.touch_epoch_ms) {
+        bail!("--touch-epoch-ms: 1 to 10000");
+    }
+    for p in a.policies.iter().chain(std::iter::once(&a.record_policy)) {
+        flotilla_placement::by_name(p, 1, 0).map_err(|e| anyhow!("{e}"))?;
+    }
+    crate::cpus::layout(&crate::cpus::allowed()?, 2, 1)?;
+    let names: Vec<String> = if a.workloads.is_empty() {
+        FIDELITY_ARGS.iter().map(|(w, _)| w.to_string()).collect()
+    } else {
+        a.workloads.clone()
+    };
+    let dir = private_dir()?;
+    let result = sim_fidelity_in(&a, &names, &dir);
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn sim_fidelity_in(a: &FidelityArgs, names: &[String], dir: &std::path::Path) -> Result<i32> {
+    let (mut live_all, mut sim_all) = (Vec::new(), Vec::new());
+    let (mut agree, mut judged) = (0usize, 0usize);
+    let mut rows = Vec::new();
+    for name in names {
+        let found = BenchWorkload::find(&FIDELITY_ARGS, name, 4)?;
+        let w = Pinned {
+            workload: &found,
+            transport: "tcp",
+        };
+        // The reference stream, recorded once under one policy.
+        let file = dir.join(format!("{name}.ftrace"));
+        let observe = crate::node::ObserveArgs {
+            trace: Some(file.clone()),
+            touch_epoch_ms: Some(a.touch_epoch_ms),
+            ..Default::default()
+        };
+        w.run_observed(
+            2,
+            &a.record_policy,
+            std::time::Duration::from_secs(600),
+            observe,
+        )?;
+        let trace = flotilla_telemetry::trace::read_file(&file)
+            .map_err(|e| anyhow!("trace {}: {e}", file.display()))?;
+        let shape = flotilla_sim::Shape { nodes: 2, cpus: 1 };
+        let one = w.run(1, "heuristic", std::time::Duration::from_secs(300))?;
+        // The recording ran slow; its compute is scaled to the measured 1-node run.
+        let mut costs = flotilla_sim::Costs::from_trace(&trace);
+        costs.compute_scale = flotilla_sim::calibrate_compute(&trace, 1, &costs, one)
+            .map_err(|e| anyhow!("calibrating on {name}: {e}"))?;
+        let limit = std::time::Duration::from_secs_f64((one * 20.0 / 1e3).max(10.0));
+        let mut per_policy = serde_json::Map::new();
+        // The fastest policy, live and simulated: (ms, name).
+        let mut best_live: Option<(f64, &str)> = None;
+        let mut best_sim: Option<(f64, &str)> = None;
+        for p in &a.policies {
+            let mut times = Vec::new();
+            let mut failed = None;
+            for _ in 0..a.runs {
+                match w.run(2, p, limit) {
+                    Ok(ms) => times.push(ms),
+                    Err(e) => {
+                        failed = Some(format!("{e:#}"));
+                        break;
+                    }
+                }
+            }
+            let predicted = flotilla_sim::replay(&trace, &shape, &costs, |n| {
+                flotilla_placement::by_name(p, 1, n).expect("checked above")
+            })
+            .map_err(|e| anyhow!("replaying {name} under {p}: {e}"))?;
+            let sim_ms = predicted.wall_ms;
+            if best_sim.is_none_or(|(b, _)| sim_ms < b) {
+                best_sim = Some((sim_ms, p));
+            }
+            match failed {
+                Some(e) => {
+                    per_policy.insert(
+                        p.clone(),
+                        json!({"live_ms": null, "sim_ms": round3(sim_ms), "error": e}),
+                    );
+                }
+                None => {
+                    let live = median(times);
+                    live_all.push(live);
+                    sim_all.push(sim_ms);
+                    if best_live.is_none_or(|(b, _)| live < b) {
+                        best_live = Some((live, p));
+                    }
+                    per_policy.insert(
+                        p.clone(),
+                        json!({"live_ms": round3(live), "sim_ms": round3(sim_ms),
+                               "error_pct": round3((sim_ms - live) / live * 100.0)}),
+                    );
+                }
+            }
+        }
+        let winners = (best_live.map(|b| b.1), best_sim.map(|b| b.1));
+        if let (Some(l), Some(s)) = winners {
+            judged += 1;
+            agree += usize::from(l == s);
+        }
+        if !a.json {
+            crate::say_err(&format!(
+                "{name:<8} live winner {:?}, simulated winner {:?}",
+                winners.0, winners.1
+            ));
+        }
+        rows.push(json!({
+            "workload": name, "args": found.args, "touches": trace.events.len(),
+            "one_node_ms": round3(one), "compute_scale": round3(costs.compute_scale),
+            "policies": per_policy,
+            "live_winner": winners.0, "sim_winner": winners.1,
+        }));
+    }
+    let rho = spearman(&live_all, &sim_all);
+    let mape = (!live_all.is_empty()).then(|| {
+        live_all
+            .iter()
+            .zip(&sim_all)
+            .map(|(l, s)| ((s - l) / l).abs())
+            .sum::<f64>()
+            / live_all.len() as f64
+            * 100.0
+    });
+    let agreement = (judged > 0).then(|| agree as f64 / judged as f64);
+    let out = json!({
+        "spearman_rho": rho.map(round3), "mape": mape.map(round3),
+        "winner_agreement": agreement.map(round3),
+        "pairs": live_all.len(), "runs": a.runs, "record_policy": a.record_policy,
+        "touch_epoch_ms": a.touch_epoch_ms, "workloads": rows,
+    });
+    if a.json {
+        crate::say(&out.to_string());
+    } else {
+        crate::say_err(&format!(
+            "Spearman rho {}, MAPE {} %, winner agreement {} ({} pairs)",
+            rho.map_or("-".into(), |r| format!("{r:.2}")),
+            mape.map_or("-".into(), |m| format!("{m:.0}")),
+            agreement.map_or("-".into(), |g| format!("{g:.2}")),
+            live_all.len()
+        ));
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod fidelity_tests {
+    use super::*;
+
+    #[test]
+    fn spearman_of_ranks() {
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[10.0, 20.0, 30.0]), Some(1.0));
+        assert_eq!(spearman(&[1.0, 2.0, 3.0], &[3.0, 2.0, 1.0]), Some(-1.0));
+        assert_eq!(ranks(&[5.0, 1.0, 5.0]), vec![2.5, 1.0, 2.5]);
+        assert_eq!(spearman(&[1.0], &[1.0]), None);
+        assert_eq!(spearman(&[1.0, 1.0], &[1.0, 2.0]), None);
+    }
 }

@@ -27,6 +27,10 @@ pub struct ReplayArgs {
     /// difference.
     #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub link_us: Option<u64>,
+    /// The measured run time of the same guest on one node: calibrates the compute time
+    /// between touches, which a reference-stream recording inflates.
+    #[arg(long, value_name = "MS")]
+    pub one_node_ms: Option<f64>,
     /// Print exactly one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -52,6 +56,13 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
     if let Some(us) = a.link_us {
         costs = costs.with_link_delta(us as i64 * 1000 - recorded_delay_ns);
     }
+    if let Some(ms) = a.one_node_ms {
+        if !(ms > 0.0 && ms.is_finite()) {
+            bail!("--one-node-ms {ms}: give a positive time in milliseconds");
+        }
+        costs.compute_scale = flotilla_sim::calibrate_compute(&trace, shape.cpus, &costs, ms)
+            .map_err(|e| anyhow!("calibrating on {}: {e}", a.trace.display()))?;
+    }
     if trace.events.is_empty() {
         bail!("trace {}: no events to replay", a.trace.display());
     }
@@ -74,6 +85,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
             "cpus_per_node": shape.cpus,
             "link_us": a.link_us,
             "reference_stream": reference,
+            "compute_scale": costs.compute_scale,
             "wall_ms": out.wall_ms,
             "stall_ms": out.stall_ms,
             "remote_faults": out.remote_faults,

@@ -56,6 +56,11 @@ pub struct Costs {
     pub move_ns: u64,
     /// A local trap that maps a page (what a recorded sample paid).
     pub install_ns: u64,
+    /// Factor on the recorded compute time between touches. A reference-stream
+    /// recording runs many times slower than the guest does unrecorded (docs/telemetry.md),
+    /// and its gaps hold that; [`calibrate_compute`] finds the factor that makes a 1-node
+    /// replay take as long as a measured 1-node run.
+    pub compute_scale: f64,
 }
 
 impl Costs {
@@ -84,6 +89,7 @@ impl Costs {
                 rtt + c.capture_ns + c.restore_ns
             },
             install_ns: install,
+            compute_scale: 1.0,
         }
     }
 
@@ -97,6 +103,7 @@ impl Costs {
             invalidate_ns: add(self.invalidate_ns),
             move_ns: add(self.move_ns),
             install_ns: self.install_ns,
+            compute_scale: self.compute_scale,
         }
     }
 }
@@ -417,9 +424,12 @@ pub fn replay(
             history: History::default(),
         })
         .collect();
+    // A vCPU with no touches left is not runnable: it takes no CPU.
     let mut load = vec![0u32; shape.nodes as usize];
-    for v in &vcpus {
-        load[v.node as usize] += 1;
+    for (v, s) in vcpus.iter().zip(&streams) {
+        if !s.is_empty() {
+            load[v.node as usize] += 1;
+        }
     }
     let mut out = Outcome {
         events,
@@ -432,13 +442,14 @@ pub fn replay(
         .collect();
     while let Some(std::cmp::Reverse((_, v))) = ready.pop() {
         let Some(touch) = streams[v].pop_front() else {
-            load[vcpus[v].node as usize] -= 1;
             continue;
         };
+        let last = streams[v].is_empty();
         let node = vcpus[v].node;
         // Processor sharing: a node with more runnable vCPUs than CPUs runs each slower.
         let share = f64::from(load[node as usize]) / f64::from(shape.cpus);
-        let mut t = vcpus[v].clock_ns + (touch.compute_ns as f64 * share.max(1.0)) as u64;
+        let compute = touch.compute_ns as f64 * costs.compute_scale;
+        let mut t = vcpus[v].clock_ns + (compute * share.max(1.0)) as u64;
         if !pages.usable(node, touch.page, touch.access) {
             out.remote_faults += 1;
             let holder = pages.holder(touch.page);
@@ -515,12 +526,41 @@ pub fn replay(
             t += cost;
         }
         vcpus[v].clock_ns = t;
-        ready.push(std::cmp::Reverse((t, v)));
+        if last {
+            // It ran to its last touch and stops: no longer runnable where it is.
+            load[vcpus[v].node as usize] -= 1;
+        } else {
+            ready.push(std::cmp::Reverse((t, v)));
+        }
     }
     let end = vcpus.iter().map(|v| v.clock_ns).max().unwrap_or(0);
     out.wall_ms = end as f64 / 1e6;
     out.stall_ms = stall_ns as f64 / 1e6;
     Ok(out)
+}
+
+/// The compute scale that makes `trace`, replayed on one node with `cpus` CPUs, take
+/// `one_node_ms` (a measured run of the same guest on one node): the recorded gaps
+/// between touches include what recording cost.
+pub fn calibrate_compute(
+    trace: &Trace,
+    cpus: u32,
+    costs: &Costs,
+    one_node_ms: f64,
+) -> Result<f64, SimError> {
+    let shape = Shape { nodes: 1, cpus };
+    let unit = Costs {
+        compute_scale: 1.0,
+        ..*costs
+    };
+    let alone = replay(trace, &shape, &unit, |_| {
+        Box::new(flotilla_placement::AlwaysPage)
+    })?;
+    Ok(if alone.wall_ms > 0.0 {
+        one_node_ms / alone.wall_ms
+    } else {
+        1.0
+    })
 }
 
 #[cfg(test)]

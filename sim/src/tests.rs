@@ -45,6 +45,7 @@ const COSTS: Costs = Costs {
     invalidate_ns: 60_000,
     move_ns: 200_000,
     install_ns: 5_000,
+    compute_scale: 1.0,
 };
 
 fn shape() -> Shape {
@@ -184,4 +185,23 @@ fn costs_come_from_the_trace() {
     );
     let o = replay(&t, &shape(), &c, |n| by_name("always-page", 1, n).unwrap()).unwrap();
     assert_eq!(o.stall_ms, 0.09);
+}
+
+#[test]
+fn compute_is_calibrated_on_a_one_node_run() {
+    let touches: Vec<_> = (0..100).map(|i| (0u16, 1000 + i, false)).collect();
+    let t = trace(2, &touches);
+    // 99 gaps of 10 µs, less the 5 µs install each sample paid: 0.495 ms of compute on
+    // one node. A measured 1-node run of 0.099 ms means the recording ran 5 times slow.
+    let scale = calibrate_compute(&t, 1, &COSTS, 0.099).unwrap();
+    assert!((scale - 0.2).abs() < 1e-9, "{scale}");
+    let c = Costs {
+        compute_scale: scale,
+        ..COSTS
+    };
+    let o = replay(&t, &Shape { nodes: 1, cpus: 1 }, &c, |n| {
+        by_name("always-page", 1, n).unwrap()
+    })
+    .unwrap();
+    assert!((o.wall_ms - 0.099).abs() < 1e-6, "{o:?}");
 }
