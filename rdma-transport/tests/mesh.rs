@@ -37,6 +37,32 @@ fn config(me: NodeId, addrs: &[SocketAddr], connect_timeout: Duration) -> MeshCo
     }
 }
 
+/// A 2-node mesh of `kind`, both nodes with `delay`: node 0 delivers to `handler0`,
+/// node 1 to an `Inbox` whose receiver is dropped. Returns (node 0, node 1).
+fn pair(
+    kind: Kind,
+    delay: Duration,
+    handler0: Arc<dyn Handler>,
+) -> (
+    Arc<dyn flotilla_transport::Transport>,
+    Arc<dyn flotilla_transport::Transport>,
+) {
+    let addrs = addrs(2);
+    let limit = Duration::from_secs(5);
+    let a0 = addrs.clone();
+    let node0 = std::thread::spawn(move || {
+        let mut c = config(0, &a0, limit);
+        c.link_delay = delay;
+        establish(kind, &c, handler0)
+    });
+    let (tx1, _rx1) = channel();
+    let mut c1 = config(1, &addrs, limit);
+    c1.link_delay = delay;
+    let t1 = establish(kind, &c1, Arc::new(Inbox(Mutex::new(tx1)))).expect("node 1 joins");
+    let t0 = node0.join().unwrap().expect("node 0 forms the cluster");
+    (t0, t1)
+}
+
 #[test]
 fn silent_connections_do_not_hold_up_a_forming_cluster() {
     let addrs = addrs(2);
@@ -106,25 +132,8 @@ fn what_a_peer_sent_before_it_closed_arrives_before_its_loss() {
     // after the frames (before, node 0 could hear "closed the connection" first and
     // report that instead of the guest's error).
     for kind in [Kind::Shm, Kind::Tcp] {
-        let addrs = addrs(2);
-        let limit = Duration::from_secs(5);
         let (tx0, rx0) = channel();
-        let a0 = addrs.clone();
-        let node0 = std::thread::spawn(move || {
-            establish(
-                kind,
-                &config(0, &a0, limit),
-                Arc::new(SlowLog(Mutex::new(tx0))),
-            )
-        });
-        let (tx1, _rx1) = channel();
-        let t1 = establish(
-            kind,
-            &config(1, &addrs, limit),
-            Arc::new(Inbox(Mutex::new(tx1))),
-        )
-        .expect("node 1 joins");
-        let t0 = node0.join().unwrap().expect("node 0 forms the cluster");
+        let (t0, t1) = pair(kind, Duration::ZERO, Arc::new(SlowLog(Mutex::new(tx0))));
         const SENT: u64 = 100;
         for value in 0..SENT {
             t1.send(0, &Message::Report { value }).unwrap();
@@ -164,25 +173,8 @@ fn the_fullest_stats_crosses_both_transports() {
         samples,
     };
     for kind in [Kind::Shm, Kind::Tcp] {
-        let addrs = addrs(2);
-        let limit = Duration::from_secs(5);
         let (tx0, rx0) = channel();
-        let a0 = addrs.clone();
-        let node0 = std::thread::spawn(move || {
-            establish(
-                kind,
-                &config(0, &a0, limit),
-                Arc::new(Inbox(Mutex::new(tx0))),
-            )
-        });
-        let (tx1, _rx1) = channel();
-        let t1 = establish(
-            kind,
-            &config(1, &addrs, limit),
-            Arc::new(Inbox(Mutex::new(tx1))),
-        )
-        .expect("node 1 joins");
-        let t0 = node0.join().unwrap().expect("node 0 forms the cluster");
+        let (t0, t1) = pair(kind, Duration::ZERO, Arc::new(Inbox(Mutex::new(tx0))));
         t1.send(0, &stats).unwrap();
         let (from, got) = rx0
             .recv_timeout(Duration::from_secs(5))
@@ -197,22 +189,10 @@ fn the_fullest_stats_crosses_both_transports() {
 fn an_emulated_link_delay_holds_every_frame_back_in_order() {
     let delay = Duration::from_millis(20);
     for kind in [Kind::Shm, Kind::Tcp] {
-        let addrs = addrs(2);
-        let limit = Duration::from_secs(5);
         let (tx0, rx0) = channel();
-        let a0 = addrs.clone();
-        let node0 = std::thread::spawn(move || {
-            let mut c = config(0, &a0, limit);
-            c.link_delay = delay;
-            establish(kind, &c, Arc::new(Inbox(Mutex::new(tx0))))
-        });
-        let (tx1, _rx1) = channel();
         // Every node of a cluster has the same delay (the cluster file's), so frames
         // carry their send time.
-        let mut c1 = config(1, &addrs, limit);
-        c1.link_delay = delay;
-        let t1 = establish(kind, &c1, Arc::new(Inbox(Mutex::new(tx1)))).expect("node 1 joins");
-        let t0 = node0.join().unwrap().expect("node 0 forms the cluster");
+        let (t0, t1) = pair(kind, delay, Arc::new(Inbox(Mutex::new(tx0))));
         let sent = std::time::Instant::now();
         for value in 0..10 {
             t1.send(0, &Message::Report { value }).unwrap();
