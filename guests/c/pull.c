@@ -7,19 +7,7 @@
  * that brings 4 KiB of data. vCPU 1 reports the sum, PASSES * PAGES * (PAGES + 1) / 2.
  * Any other vCPU returns at once.
  */
-#include <flotilla.h>
-
-__attribute__((used)) void *memcpy(void *dst, const void *src, size_t n) {
-    void *d = dst;
-    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
-    return dst;
-}
-
-__attribute__((used)) void *memset(void *dst, int c, size_t n) {
-    void *d = dst;
-    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
-    return dst;
-}
+#include "common.h"
 
 static uint32_t ready; /* vCPU 0 wrote the pages */
 static uint32_t done;  /* vCPU 1 read them */

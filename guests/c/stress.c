@@ -6,19 +6,7 @@
  * invariant held, 5 if an update was lost or doubled, 6 if the lock let two in.
  * The argument string is the number of iterations per vCPU (default 3000).
  */
-#include <flotilla.h>
-
-__attribute__((used)) void *memcpy(void *dst, const void *src, size_t n) {
-    void *d = dst;
-    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
-    return dst;
-}
-
-__attribute__((used)) void *memset(void *dst, int c, size_t n) {
-    void *d = dst;
-    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
-    return dst;
-}
+#include "common.h"
 
 struct page { uint64_t v[512]; };
 static struct page counter __attribute__((aligned(4096)));

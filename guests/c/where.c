@@ -5,55 +5,13 @@
  *
  *   flotilla run --image where.elf --vcpus 2 --nodes 2 --policy always-vcpu
  */
-#include <flotilla.h>
-
-__attribute__((used)) void *memcpy(void *dst, const void *src, size_t n) {
-    void *d = dst;
-    __asm__ volatile("rep movsb" : "+D"(d), "+S"(src), "+c"(n) : : "memory");
-    return dst;
-}
-
-__attribute__((used)) void *memset(void *dst, int c, size_t n) {
-    void *d = dst;
-    __asm__ volatile("rep stosb" : "+D"(d), "+c"(n) : "a"(c) : "memory");
-    return dst;
-}
+#include "common.h"
 
 #define MAX_VCPUS 8
 
 static uint32_t shared;  /* the word every vCPU writes */
 static uint32_t arrived; /* barrier */
 static uint32_t before[MAX_VCPUS], after[MAX_VCPUS];
-
-static void barrier(uint32_t n) {
-    uint32_t seen = __atomic_add_fetch(&arrived, 1, __ATOMIC_SEQ_CST);
-    if (seen == n) {
-        flotilla_futex_wake(&arrived, UINT32_MAX);
-        return;
-    }
-    while (seen < n) {
-        flotilla_futex_wait(&arrived, seen, 0);
-        seen = __atomic_load_n(&arrived, __ATOMIC_SEQ_CST);
-    }
-}
-
-static char *put_str(char *p, const char *s) {
-    while (*s)
-        *p++ = *s++;
-    return p;
-}
-
-static char *put_u64(char *p, uint64_t v) {
-    char digits[20];
-    int k = 0;
-    do {
-        digits[k++] = (char)('0' + v % 10);
-        v /= 10;
-    } while (v != 0);
-    while (k > 0)
-        *p++ = digits[--k];
-    return p;
-}
 
 int _start(const struct flotilla_boot_info *boot, uint64_t vcpu) {
     uint32_t n = boot->vcpu_count;
@@ -65,7 +23,7 @@ int _start(const struct flotilla_boot_info *boot, uint64_t vcpu) {
     uint32_t a = flotilla_node_id();
     before[vcpu] = b;
     after[vcpu] = a;
-    barrier(n);
+    barrier_on(&arrived, n);
     if (vcpu != 0)
         return 0;
 
