@@ -8,6 +8,7 @@
 //! that the engine never needs to build.
 
 mod elastic;
+pub mod features;
 mod heuristic;
 mod numa;
 mod tidal;

@@ -32,6 +32,8 @@ pub enum ProtocolError {
     },
     #[error("node {from} is not a node of this {nodes}-node cluster")]
     BadNode { from: NodeId, nodes: u16 },
+    #[error("page {page:#x}: cannot restore a busy page, or a copyset without its owner or beyond the cluster")]
+    BadRestore { page: u64 },
 }
 
 #[derive(Debug)]
@@ -110,6 +112,30 @@ impl PageDirectory {
     pub fn entry(&self, page: u64) -> Option<(NodeId, u64)> {
         let i = self.index(page, self.me, "lookup").ok()?;
         Some((self.owner[i], self.copyset[i]))
+    }
+
+    /// Puts a page homed here back to an owner and copyset read earlier with
+    /// [`entry`](Self::entry) (the simulator undoing a look-ahead). Refused while a
+    /// transaction is open on the page, or for a copyset without its owner or naming a
+    /// node outside the cluster.
+    pub fn set_entry(
+        &mut self,
+        page: u64,
+        owner: NodeId,
+        copyset: u64,
+    ) -> Result<(), ProtocolError> {
+        let i = self.index(page, owner, "restore")?;
+        let all = if self.nodes >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.nodes) - 1
+        };
+        if self.busy.contains_key(&page) || copyset & (1u64 << owner) == 0 || copyset & !all != 0 {
+            return Err(ProtocolError::BadRestore { page });
+        }
+        self.owner[i] = owner;
+        self.copyset[i] = copyset;
+        Ok(())
     }
 
     /// Hands `page` to `to`, if no transaction is open or queued on it and this node
@@ -742,6 +768,27 @@ mod tests {
         ));
         d.done(0, 1).unwrap();
         assert_eq!(d.entry(0), Some((1, 0b10)));
+    }
+
+    #[test]
+    fn an_entry_read_can_be_put_back_but_not_during_a_transaction() {
+        let mut d = PageDirectory::new(0, 2, 0, 2, |_| Some((0, 0b01)));
+        let before = d.entry(0).unwrap();
+        d.request(0, 1, Access::Write).unwrap();
+        assert_eq!(
+            d.set_entry(0, before.0, before.1),
+            Err(ProtocolError::BadRestore { page: 0 }),
+            "the write is in flight"
+        );
+        d.done(0, 1).unwrap();
+        assert_eq!(d.entry(0), Some((1, 0b10)));
+        d.set_entry(0, before.0, before.1).unwrap();
+        assert_eq!(d.entry(0), Some(before));
+        assert!(d.set_entry(1, 0, 0b10).is_err(), "owner not in its copyset");
+        assert!(
+            d.set_entry(1, 0, 0b101).is_err(),
+            "node 2 of a 2-node cluster"
+        );
     }
 
     #[test]
