@@ -31,9 +31,13 @@ use flotilla_placement::{FaultContext, FaultRecord, History, Policy};
 use flotilla_telemetry::trace::{EventKind, Trace, NONE16};
 use flotilla_transport::directory::PageDirectory;
 use flotilla_transport::{Access, Message, NodeId};
+use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 pub use flotilla_coherence::Decision;
+pub use oracle::{replay_labelled, Decider, Label, DEFAULT_HORIZON};
+
+mod oracle;
 
 /// Guest pages below this (`IMAGE_MIN_ADDR`, 2 MiB) are the engine's boot structures,
 /// never coherent.
@@ -68,7 +72,12 @@ impl Costs {
     /// measured none: a fetch is a round trip plus an install, a move a round trip plus
     /// capture and restore; a 4 KiB TCP round trip of 60 µs when even that is missing.
     pub fn from_trace(t: &Trace) -> Costs {
-        let c = t.meta.run.as_ref().map(|r| r.costs).unwrap_or_default();
+        Costs::measured(&t.meta.run.as_ref().map(|r| r.costs).unwrap_or_default())
+    }
+
+    /// The same from a run's measured medians (a trace's, or a plain run's: a
+    /// reference-stream recording slows the engine down, so its own medians run high).
+    pub fn measured(c: &flotilla_telemetry::trace::Costs) -> Costs {
         let rtt = if c.rtt_4k_ns > 0 { c.rtt_4k_ns } else { 60_000 };
         let install = if c.install_ns > 0 {
             c.install_ns
@@ -127,6 +136,8 @@ pub enum SimError {
     Empty,
     #[error("the trace touches page {page:#x}, beyond the guest's {mem_bytes} bytes of RAM")]
     Page { page: u64, mem_bytes: u64 },
+    #[error("a look-ahead needs a horizon of at least one touch")]
+    Horizon,
     #[error("the directory refused a step (a simulator bug): {0}")]
     Protocol(String),
 }
@@ -156,13 +167,72 @@ struct Touch {
     access: Access,
     /// Compute time since the previous touch of the same vCPU.
     compute_ns: u64,
+    /// The touch this one must follow: the latest conflicting access to the same page
+    /// by another vCPU in the recording (a write before this read; any access before
+    /// this write), as (vCPU, index in its stream); `NONE16` for none.
+    after_vcpu: u16,
+    after_index: u32,
+}
+
+/// Orders every touch after the latest conflicting touch of the same page by another
+/// vCPU, as recorded (see [`Touch::after_vcpu`]). This keeps what the guest's own
+/// synchronisation kept: a reader sees the write it saw, a barrier's counter is passed
+/// around in the recorded order, and a write-shared page bounces between its writers as
+/// often as their accesses alternated. Without it a vCPU whose compute is short races
+/// through its stream and a shared page stops bouncing.
+fn order(streams: &mut [Vec<Touch>], times: &[Vec<u64>]) {
+    /// The latest access, and the latest by a vCPU other than the latest's.
+    type Recent = [(u16, u32); 2];
+    fn note(r: &mut Recent, v: u16, i: u32) {
+        if r[0].0 != v {
+            r[1] = r[0];
+        }
+        r[0] = (v, i);
+    }
+    fn other(r: &Recent, v: u16) -> (u16, u32) {
+        if r[0].0 != v {
+            r[0]
+        } else {
+            r[1]
+        }
+    }
+    let mut all: Vec<(u64, u16, u32)> = times
+        .iter()
+        .enumerate()
+        .flat_map(|(v, ts)| {
+            ts.iter()
+                .enumerate()
+                .map(move |(i, &t)| (t, v as u16, i as u32))
+        })
+        .collect();
+    all.sort_unstable();
+    let none = [(NONE16, 0); 2];
+    // Per page: recent accesses, recent writes.
+    let mut seen: HashMap<u64, (Recent, Recent)> = HashMap::new();
+    for (_, v, i) in all {
+        let touch = &mut streams[v as usize][i as usize];
+        let (accesses, writes) = seen.entry(touch.page).or_insert((none, none));
+        let write = touch.access == Access::Write;
+        let (av, ai) = if write {
+            other(accesses, v)
+        } else {
+            other(writes, v)
+        };
+        touch.after_vcpu = av;
+        touch.after_index = ai;
+        note(accesses, v, i);
+        if write {
+            note(writes, v, i);
+        }
+    }
 }
 
 /// The touch streams of a trace, by vCPU.
-fn streams(t: &Trace, costs: &Costs) -> Vec<VecDeque<Touch>> {
+fn streams(t: &Trace, costs: &Costs) -> Vec<Vec<Touch>> {
     let vcpus = t.meta.vcpus as usize;
     let mut last: Vec<Option<(u64, u64)>> = vec![None; vcpus];
-    let mut out: Vec<VecDeque<Touch>> = vec![VecDeque::new(); vcpus];
+    let mut out: Vec<Vec<Touch>> = vec![Vec::new(); vcpus];
+    let mut times: Vec<Vec<u64>> = vec![Vec::new(); vcpus];
     let mut events: Vec<_> = t
         .events
         .iter()
@@ -189,12 +259,16 @@ fn streams(t: &Trace, costs: &Costs) -> Vec<VecDeque<Touch>> {
             None => 0,
         };
         last[v] = Some((e.t_ns, stall));
-        out[v].push_back(Touch {
+        times[v].push(e.t_ns);
+        out[v].push(Touch {
             page: e.page,
             access: e.access().unwrap_or(Access::Read),
             compute_ns,
+            after_vcpu: NONE16,
+            after_index: 0,
         });
     }
+    order(&mut out, &times);
     out
 }
 
@@ -205,6 +279,27 @@ enum Held {
     Owned,
 }
 
+/// One change to [`Pages`], as it was before: what a look-ahead undoes.
+#[derive(Debug, Clone, Copy)]
+enum Undo {
+    Held {
+        node: NodeId,
+        page: u64,
+        was: Option<Held>,
+    },
+    Heat {
+        node: NodeId,
+        page: u64,
+        was: Option<u32>,
+    },
+    Directory {
+        home: NodeId,
+        page: u64,
+        owner: NodeId,
+        copyset: u64,
+    },
+}
+
 /// The simulated cluster's pages: every node's copies and homes' directories.
 struct Pages {
     nodes: u16,
@@ -213,6 +308,8 @@ struct Pages {
     held: Vec<HashMap<u64, Held>>,
     dirs: Vec<PageDirectory>,
     heat: Vec<HashMap<u64, u32>>,
+    /// While a look-ahead runs: every change, so it can be undone.
+    journal: Option<Vec<Undo>>,
 }
 
 /// What one page transaction did.
@@ -243,6 +340,7 @@ impl Pages {
             held: vec![HashMap::new(); nodes as usize],
             dirs,
             heat: vec![HashMap::new(); nodes as usize],
+            journal: None,
         }
     }
 
@@ -281,11 +379,77 @@ impl Pages {
         }
     }
 
+    fn heat(&self, node: NodeId, page: u64) -> u32 {
+        self.heat[node as usize].get(&page).copied().unwrap_or(0)
+    }
+
+    /// Sets (or with `None` drops) `node`'s copy of `page`, journaled.
+    fn set_held(&mut self, node: NodeId, page: u64, to: Option<Held>) {
+        let h = &mut self.held[node as usize];
+        let was = match to {
+            Some(to) => h.insert(page, to),
+            None => h.remove(&page),
+        };
+        if let Some(j) = &mut self.journal {
+            j.push(Undo::Held { node, page, was });
+        }
+    }
+
+    fn warm(&mut self, node: NodeId, page: u64) {
+        let e = self.heat[node as usize].entry(page).or_default();
+        let was = *e;
+        *e += 1;
+        if let Some(j) = &mut self.journal {
+            j.push(Undo::Heat {
+                node,
+                page,
+                was: (was > 0).then_some(was),
+            });
+        }
+    }
+
+    /// Starts journaling changes (a look-ahead begins).
+    fn mark(&mut self) {
+        self.journal = Some(Vec::new());
+    }
+
+    /// Undoes every change since [`mark`](Self::mark), newest first, and stops
+    /// journaling.
+    fn rewind(&mut self) -> Result<(), SimError> {
+        for u in self.journal.take().unwrap_or_default().into_iter().rev() {
+            match u {
+                Undo::Held { node, page, was } => {
+                    let h = &mut self.held[node as usize];
+                    match was {
+                        Some(w) => h.insert(page, w),
+                        None => h.remove(&page),
+                    };
+                }
+                Undo::Heat { node, page, was } => {
+                    let h = &mut self.heat[node as usize];
+                    match was {
+                        Some(w) => h.insert(page, w),
+                        None => h.remove(&page),
+                    };
+                }
+                Undo::Directory {
+                    home,
+                    page,
+                    owner,
+                    copyset,
+                } => self.dirs[home as usize]
+                    .set_entry(page, owner, copyset)
+                    .map_err(|e| SimError::Protocol(e.to_string()))?,
+            }
+        }
+        Ok(())
+    }
+
     /// Materialises a page's implicit state (owned by its home) before it changes.
     fn touch(&mut self, page: u64) {
         if !self.moved(page) {
             let home = self.home(page);
-            self.held[home as usize].insert(page, Held::Owned);
+            self.set_held(home, page, Some(Held::Owned));
         }
     }
 
@@ -295,6 +459,19 @@ impl Pages {
         let home = self.home(page);
         let err =
             |e: flotilla_transport::directory::ProtocolError| SimError::Protocol(e.to_string());
+        if self.journal.is_some() {
+            let (owner, copyset) = self.dirs[home as usize].entry(page).ok_or_else(|| {
+                SimError::Protocol(format!("page {page:#x} has no entry at its home"))
+            })?;
+            if let Some(j) = &mut self.journal {
+                j.push(Undo::Directory {
+                    home,
+                    page,
+                    owner,
+                    copyset,
+                });
+            }
+        }
         let mut moved = Moved::default();
         let mut queue: VecDeque<(NodeId, NodeId, Message)> = self.dirs[home as usize]
             .request(page, node, want)
@@ -313,15 +490,8 @@ impl Pages {
                 } => {
                     // `to` owns it: it downgrades or gives it up and sends the data
                     // (`PageData`, taken here at once: the simulator carries no bytes).
-                    let h = &mut self.held[to as usize];
-                    match want {
-                        Access::Write => {
-                            h.remove(&page);
-                        }
-                        _ => {
-                            h.insert(page, Held::Shared);
-                        }
-                    }
+                    let kept = (want != Access::Write).then_some(Held::Shared);
+                    self.set_held(to, page, kept);
                     moved.bytes += PAGE_FRAME;
                     moved.data = true;
                     let state = if want == Access::Write {
@@ -330,18 +500,18 @@ impl Pages {
                         moved.replica = true;
                         Held::Shared
                     };
-                    self.held[requester as usize].insert(page, state);
-                    *self.heat[requester as usize].entry(page).or_default() += 1;
+                    self.set_held(requester, page, Some(state));
+                    self.warm(requester, page);
                     queue.push_back((requester, home, Message::Done { page }));
                     Vec::new()
                 }
                 Message::Grant { page, .. } => {
-                    self.held[to as usize].insert(page, Held::Owned);
+                    self.set_held(to, page, Some(Held::Owned));
                     vec![(home, Message::Done { page })]
                 }
                 Message::Invalidate { page, .. } => {
                     moved.invalidations += 1;
-                    self.held[to as usize].remove(&page);
+                    self.set_held(to, page, None);
                     vec![(home, Message::InvalidateAck { page })]
                 }
                 Message::InvalidateAck { page } => self.dirs[to as usize]
@@ -370,131 +540,220 @@ fn home_of(page: u64, nodes: u16, end: u64, interleave: bool) -> NodeId {
 }
 
 /// A vCPU in the simulation: where it is, and its clock.
+#[derive(Clone)]
 struct SimVcpu {
     node: NodeId,
     clock_ns: u64,
     history: History,
 }
 
-/// Replays `trace` under `policy(node)` (one policy per node, as in the engine) on
-/// `shape`, with `costs`.
-pub fn replay(
-    trace: &Trace,
-    shape: &Shape,
-    costs: &Costs,
-    mut policy: impl FnMut(NodeId) -> Box<dyn Policy>,
-) -> Result<Outcome, SimError> {
-    if shape.nodes == 0 || shape.nodes > 64 {
-        return Err(SimError::Nodes(shape.nodes));
-    }
-    if shape.cpus == 0 {
-        return Err(SimError::Cpus);
-    }
-    let end = trace.meta.mem_bytes / 4096;
-    if let Some(e) = trace
-        .events
-        .iter()
-        .find(|e| e.page >= end && e.vcpu != NONE16)
-    {
-        return Err(SimError::Page {
-            page: e.page,
-            mem_bytes: trace.meta.mem_bytes,
-        });
-    }
-    let mut streams = streams(trace, costs);
-    let events: u64 = streams.iter().map(|s| s.len() as u64).sum();
-    if events == 0 {
-        return Err(SimError::Empty);
-    }
-    let run = trace.meta.run.as_ref();
-    let interleave = run.is_some_and(|r| r.ram == "interleave");
-    let mut pages = Pages::new(shape.nodes, trace.meta.mem_bytes, interleave);
-    let mut policies: Vec<Box<dyn Policy>> = (0..shape.nodes).map(&mut policy).collect();
-    // Each vCPU's first node: the recorded one if the shape has it, else round-robin.
-    let first = |v: usize| -> NodeId {
-        match run.and_then(|r| r.vcpu_nodes.get(v)) {
-            Some(&n) if n < shape.nodes => n,
-            _ => (v % shape.nodes as usize) as NodeId,
+/// A touch taken off its vCPU's stream, its compute time run, not yet served.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Step {
+    v: usize,
+    touch: Touch,
+    /// The vCPU's clock once the compute before the touch has run.
+    t: u64,
+}
+
+/// The remote fault a step takes, as the faulting node sees it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fault {
+    holder: NodeId,
+    have_replica: bool,
+    heat: u32,
+}
+
+/// The part of a [`Sim`] that a look-ahead changes besides the pages: small enough to
+/// copy.
+#[derive(Clone)]
+struct Saved {
+    pos: Vec<usize>,
+    vcpus: Vec<SimVcpu>,
+    load: Vec<u32>,
+    ready: BinaryHeap<Reverse<(u64, usize)>>,
+    waiting: Vec<Vec<(u32, usize)>>,
+    out: Outcome,
+    stall_ns: u64,
+}
+
+/// A replay in progress: the cluster, every vCPU's place in its stream, and the counts
+/// so far. Driven one touch at a time ([`take`](Sim::take), then
+/// [`serve`](Sim::serve)), so a caller can decide a fault any way it likes, looking
+/// ahead included.
+pub(crate) struct Sim {
+    shape: Shape,
+    costs: Costs,
+    streams: Vec<Vec<Touch>>,
+    pos: Vec<usize>,
+    pages: Pages,
+    vcpus: Vec<SimVcpu>,
+    /// Runnable vCPUs per node (a vCPU with no touches left takes no CPU).
+    load: Vec<u32>,
+    /// The vCPU with the earliest clock goes next.
+    ready: BinaryHeap<Reverse<(u64, usize)>>,
+    /// vCPUs whose next touch must follow another vCPU's touch not yet served, by that
+    /// vCPU: (the index it waits for, the waiting vCPU). Not runnable meanwhile.
+    waiting: Vec<Vec<(u32, usize)>>,
+    out: Outcome,
+    stall_ns: u64,
+}
+
+impl Sim {
+    pub(crate) fn new(trace: &Trace, shape: &Shape, costs: &Costs) -> Result<Sim, SimError> {
+        if shape.nodes == 0 || shape.nodes > 64 {
+            return Err(SimError::Nodes(shape.nodes));
         }
-    };
-    let mut vcpus: Vec<SimVcpu> = (0..streams.len())
-        .map(|v| SimVcpu {
-            node: first(v),
-            clock_ns: 0,
-            history: History::default(),
-        })
-        .collect();
-    // A vCPU with no touches left is not runnable: it takes no CPU.
-    let mut load = vec![0u32; shape.nodes as usize];
-    for (v, s) in vcpus.iter().zip(&streams) {
-        if !s.is_empty() {
-            load[v.node as usize] += 1;
+        if shape.cpus == 0 {
+            return Err(SimError::Cpus);
         }
-    }
-    let mut out = Outcome {
-        events,
-        ..Default::default()
-    };
-    let mut stall_ns = 0u64;
-    // The vCPU with the earliest clock goes next.
-    let mut ready: BinaryHeap<std::cmp::Reverse<(u64, usize)>> = (0..vcpus.len())
-        .map(|v| std::cmp::Reverse((0, v)))
-        .collect();
-    while let Some(std::cmp::Reverse((_, v))) = ready.pop() {
-        let Some(touch) = streams[v].pop_front() else {
-            continue;
+        let end = trace.meta.mem_bytes / 4096;
+        if let Some(e) = trace
+            .events
+            .iter()
+            .find(|e| e.page >= end && e.vcpu != NONE16)
+        {
+            return Err(SimError::Page {
+                page: e.page,
+                mem_bytes: trace.meta.mem_bytes,
+            });
+        }
+        let streams = streams(trace, costs);
+        let events: u64 = streams.iter().map(|s| s.len() as u64).sum();
+        if events == 0 {
+            return Err(SimError::Empty);
+        }
+        let run = trace.meta.run.as_ref();
+        let interleave = run.is_some_and(|r| r.ram == "interleave");
+        // Each vCPU's first node: the recorded one if the shape has it, else round-robin.
+        let first = |v: usize| -> NodeId {
+            match run.and_then(|r| r.vcpu_nodes.get(v)) {
+                Some(&n) if n < shape.nodes => n,
+                _ => (v % shape.nodes as usize) as NodeId,
+            }
         };
-        let last = streams[v].is_empty();
-        let node = vcpus[v].node;
-        // Processor sharing: a node with more runnable vCPUs than CPUs runs each slower.
-        let share = f64::from(load[node as usize]) / f64::from(shape.cpus);
-        let compute = touch.compute_ns as f64 * costs.compute_scale;
-        let mut t = vcpus[v].clock_ns + (compute * share.max(1.0)) as u64;
-        if !pages.usable(node, touch.page, touch.access) {
-            out.remote_faults += 1;
-            let holder = pages.holder(touch.page);
-            let have_replica = pages.state(node, touch.page) == Some(Held::Shared);
-            let heat = pages.heat[node as usize]
-                .get(&touch.page)
-                .copied()
-                .unwrap_or(0);
-            let decision = if holder == node {
-                Decision::MovePage
-            } else {
-                let fc = FaultContext {
-                    vcpu: v as u32,
-                    node,
-                    nodes: shape.nodes,
-                    page: touch.page,
-                    access: touch.access,
-                    holder,
-                    home: pages.home(touch.page),
-                    have_replica,
-                    local_vcpus: load[node as usize],
-                    page_heat: heat,
-                    history: &vcpus[v].history,
-                    node_vcpus: &load,
-                    cpus: shape.cpus,
-                };
-                policies[node as usize].decide(&fc)
+        let vcpus: Vec<SimVcpu> = (0..streams.len())
+            .map(|v| SimVcpu {
+                node: first(v),
+                clock_ns: 0,
+                history: History::default(),
+            })
+            .collect();
+        let mut load = vec![0u32; shape.nodes as usize];
+        for (v, s) in vcpus.iter().zip(&streams) {
+            if !s.is_empty() {
+                load[v.node as usize] += 1;
+            }
+        }
+        Ok(Sim {
+            shape: shape.clone(),
+            costs: *costs,
+            pos: vec![0; streams.len()],
+            ready: (0..streams.len()).map(|v| Reverse((0, v))).collect(),
+            waiting: vec![Vec::new(); streams.len()],
+            streams,
+            pages: Pages::new(shape.nodes, trace.meta.mem_bytes, interleave),
+            vcpus,
+            load,
+            out: Outcome {
+                events,
+                ..Default::default()
+            },
+            stall_ns: 0,
+        })
+    }
+
+    /// The next touch, of the vCPU with the earliest clock, with its compute run.
+    pub(crate) fn take(&mut self) -> Option<Step> {
+        loop {
+            let Reverse((_, v)) = self.ready.pop()?;
+            let Some(&touch) = self.streams[v].get(self.pos[v]) else {
+                continue;
             };
-            vcpus[v].history.push(FaultRecord {
-                page: touch.page,
-                access: touch.access,
+            let w = touch.after_vcpu as usize;
+            if touch.after_vcpu != NONE16 && self.pos[w] <= touch.after_index as usize {
+                // It must follow a touch `w` has not made yet: it waits, off its CPU.
+                self.waiting[w].push((touch.after_index, v));
+                self.load[self.vcpus[v].node as usize] -= 1;
+                continue;
+            }
+            self.pos[v] += 1;
+            let node = self.vcpus[v].node;
+            // Processor sharing: a node with more runnable vCPUs than CPUs runs each
+            // slower.
+            let share = f64::from(self.load[node as usize]) / f64::from(self.shape.cpus);
+            let compute = touch.compute_ns as f64 * self.costs.compute_scale;
+            let t = self.vcpus[v].clock_ns + (compute * share.max(1.0)) as u64;
+            return Some(Step { v, touch, t });
+        }
+    }
+
+    /// The remote fault `s` takes, if its node does not hold the page well enough.
+    pub(crate) fn fault(&self, s: &Step) -> Option<Fault> {
+        let node = self.vcpus[s.v].node;
+        let page = s.touch.page;
+        (!self.pages.usable(node, page, s.touch.access)).then(|| Fault {
+            holder: self.pages.holder(page),
+            have_replica: self.pages.state(node, page) == Some(Held::Shared),
+            heat: self.pages.heat(node, page),
+        })
+    }
+
+    /// Whether a policy decides `f`: not when the page is on the vCPU's own node (an
+    /// upgrade; the engine forces a page move there too).
+    pub(crate) fn decided(&self, s: &Step, f: &Fault) -> bool {
+        f.holder != self.vcpus[s.v].node
+    }
+
+    /// What the engine would tell the policy about `f`.
+    pub(crate) fn context(&self, s: &Step, f: &Fault) -> FaultContext<'_> {
+        let node = self.vcpus[s.v].node;
+        FaultContext {
+            vcpu: s.v as u32,
+            node,
+            nodes: self.shape.nodes,
+            page: s.touch.page,
+            access: s.touch.access,
+            holder: f.holder,
+            home: self.pages.home(s.touch.page),
+            have_replica: f.have_replica,
+            local_vcpus: self.load[node as usize],
+            page_heat: f.heat,
+            history: &self.vcpus[s.v].history,
+            node_vcpus: &self.load,
+            cpus: self.shape.cpus,
+        }
+    }
+
+    /// Serves step `s`: a hit costs nothing more; a remote fault `f` is served as
+    /// `decision` says.
+    pub(crate) fn serve(
+        &mut self,
+        s: Step,
+        fault: Option<(Fault, Decision)>,
+    ) -> Result<(), SimError> {
+        let v = s.v;
+        let node = self.vcpus[v].node;
+        let page = s.touch.page;
+        let access = s.touch.access;
+        let mut t = s.t;
+        if let Some((f, decision)) = fault {
+            let holder = f.holder;
+            self.out.remote_faults += 1;
+            self.vcpus[v].history.push(FaultRecord {
+                page,
+                access,
                 holder,
                 decision,
             });
+            let costs = self.costs;
             let cost = match decision {
                 Decision::MovePage => {
-                    let m = pages.bring(node, touch.page, touch.access)?;
-                    out.invalidations += m.invalidations;
-                    out.bytes_sent += m.bytes;
-                    if m.data {
-                        out.page_moves += 1;
-                    }
-                    if m.replica {
-                        out.replicas_made += 1;
-                    }
+                    let m = self.pages.bring(node, page, access)?;
+                    self.out.invalidations += m.invalidations;
+                    self.out.bytes_sent += m.bytes;
+                    self.out.page_moves += u64::from(m.data);
+                    self.out.replicas_made += u64::from(m.replica);
                     (if m.data {
                         costs.fetch_ns
                     } else {
@@ -506,37 +765,160 @@ pub fn replay(
                     }
                 }
                 Decision::MoveVcpu => {
-                    out.vcpu_moves += 1;
-                    out.bytes_sent += MOVE_FRAME;
-                    load[node as usize] -= 1;
-                    load[holder as usize] += 1;
-                    vcpus[v].node = holder;
+                    if holder >= self.shape.nodes {
+                        return Err(SimError::Protocol(format!(
+                            "a vCPU sent to node {holder} of a {}-node cluster",
+                            self.shape.nodes
+                        )));
+                    }
+                    self.out.vcpu_moves += 1;
+                    self.out.bytes_sent += MOVE_FRAME;
+                    self.load[node as usize] -= 1;
+                    self.load[holder as usize] += 1;
+                    self.vcpus[v].node = holder;
                     // There, the page may still need an upgrade (a write to a replica).
                     let mut c = costs.move_ns;
-                    if !pages.usable(holder, touch.page, touch.access) {
-                        let m = pages.bring(holder, touch.page, touch.access)?;
-                        out.invalidations += m.invalidations;
-                        out.bytes_sent += m.bytes;
+                    if !self.pages.usable(holder, page, access) {
+                        let m = self.pages.bring(holder, page, access)?;
+                        self.out.invalidations += m.invalidations;
+                        self.out.bytes_sent += m.bytes;
                         c += costs.upgrade_ns;
                     }
                     c
                 }
             };
-            stall_ns += cost;
+            self.stall_ns += cost;
             t += cost;
         }
-        vcpus[v].clock_ns = t;
-        if last {
+        self.vcpus[v].clock_ns = t;
+        self.release(v);
+        if self.pos[v] >= self.streams[v].len() {
             // It ran to its last touch and stops: no longer runnable where it is.
-            load[vcpus[v].node as usize] -= 1;
+            self.load[self.vcpus[v].node as usize] -= 1;
         } else {
-            ready.push(std::cmp::Reverse((t, v)));
+            self.ready.push(Reverse((t, v)));
+        }
+        Ok(())
+    }
+
+    /// Lets the vCPUs waiting for `v`'s touches made so far run, no earlier than now.
+    fn release(&mut self, v: usize) {
+        if self.waiting[v].is_empty() {
+            return;
+        }
+        let done = self.pos[v] as u32;
+        let t = self.vcpus[v].clock_ns;
+        let mut i = 0;
+        while i < self.waiting[v].len() {
+            let (index, w) = self.waiting[v][i];
+            if index < done {
+                self.waiting[v].swap_remove(i);
+                let vw = &mut self.vcpus[w];
+                vw.clock_ns = vw.clock_ns.max(t);
+                self.load[vw.node as usize] += 1;
+                self.ready.push(Reverse((vw.clock_ns, w)));
+            } else {
+                i += 1;
+            }
         }
     }
-    let end = vcpus.iter().map(|v| v.clock_ns).max().unwrap_or(0);
-    out.wall_ms = end as f64 / 1e6;
-    out.stall_ms = stall_ns as f64 / 1e6;
-    Ok(out)
+
+    fn save(&mut self) -> Saved {
+        self.pages.mark();
+        Saved {
+            pos: self.pos.clone(),
+            vcpus: self.vcpus.clone(),
+            load: self.load.clone(),
+            ready: self.ready.clone(),
+            waiting: self.waiting.clone(),
+            out: self.out.clone(),
+            stall_ns: self.stall_ns,
+        }
+    }
+
+    fn restore(&mut self, s: Saved) -> Result<(), SimError> {
+        self.pages.rewind()?;
+        self.pos = s.pos;
+        self.vcpus = s.vcpus;
+        self.load = s.load;
+        self.ready = s.ready;
+        self.waiting = s.waiting;
+        self.out = s.out;
+        self.stall_ns = s.stall_ns;
+        Ok(())
+    }
+
+    /// What deciding `f` (of step `s`) as `decision` costs over the next `horizon`
+    /// touches of every vCPU, every later fault bringing the page (the fixed
+    /// continuation): the sum of the vCPUs' clocks once each has made them, in ns. The
+    /// simulation is left as it was.
+    pub(crate) fn look_ahead(
+        &mut self,
+        s: Step,
+        f: Fault,
+        decision: Decision,
+        horizon: usize,
+    ) -> Result<u64, SimError> {
+        let saved = self.save();
+        let limit: Vec<usize> = self
+            .pos
+            .iter()
+            .zip(&self.streams)
+            .map(|(&p, st)| (p + horizon).min(st.len()))
+            .collect();
+        let result = (|| {
+            self.serve(s, Some((f, decision)))?;
+            while let Some(next) = self.take() {
+                if self.pos[next.v] > limit[next.v] {
+                    // Past its horizon: this vCPU stops here, still runnable.
+                    continue;
+                }
+                let fault = self.fault(&next).map(|f| (f, Decision::MovePage));
+                self.serve(next, fault)?;
+            }
+            Ok(self.clocks())
+        })();
+        self.restore(saved)?;
+        result
+    }
+
+    /// The sum of every vCPU's clock, in ns.
+    pub(crate) fn clocks(&self) -> u64 {
+        self.vcpus.iter().map(|v| v.clock_ns).sum()
+    }
+
+    pub(crate) fn finish(self) -> Outcome {
+        let mut out = self.out;
+        let end = self.vcpus.iter().map(|v| v.clock_ns).max().unwrap_or(0);
+        out.wall_ms = end as f64 / 1e6;
+        out.stall_ms = self.stall_ns as f64 / 1e6;
+        out
+    }
+}
+
+/// Replays `trace` under `policy(node)` (one policy per node, as in the engine) on
+/// `shape`, with `costs`.
+pub fn replay(
+    trace: &Trace,
+    shape: &Shape,
+    costs: &Costs,
+    policy: impl FnMut(NodeId) -> Box<dyn Policy>,
+) -> Result<Outcome, SimError> {
+    let mut sim = Sim::new(trace, shape, costs)?;
+    let mut policies: Vec<Box<dyn Policy>> = (0..shape.nodes).map(policy).collect();
+    while let Some(s) = sim.take() {
+        let decided = sim.fault(&s).map(|f| {
+            let d = if sim.decided(&s, &f) {
+                let fc = sim.context(&s, &f);
+                policies[fc.node as usize].decide(&fc)
+            } else {
+                Decision::MovePage
+            };
+            (f, d)
+        });
+        sim.serve(s, decided)?;
+    }
+    Ok(sim.finish())
 }
 
 /// The compute scale that makes `trace`, replayed on one node with `cpus` CPUs, take

@@ -205,3 +205,114 @@ fn compute_is_calibrated_on_a_one_node_run() {
     .unwrap();
     assert!((o.wall_ms - 0.099).abs() < 1e-6, "{o:?}");
 }
+
+#[test]
+fn conflicting_touches_keep_their_recorded_order() {
+    // vCPU 0 computes 1 ms between its writes of page 2000, vCPU 1 none: unordered, vCPU
+    // 1 would make all its writes while vCPU 0 computes, and the page would move twice.
+    // As recorded, the two alternate, and every write after the first moves the page.
+    let mut t = trace(
+        2,
+        &(0..20)
+            .map(|i| ((i % 2) as u16, 2000, true))
+            .collect::<Vec<_>>(),
+    );
+    for e in t.events.iter_mut().filter(|e| e.vcpu == 0) {
+        e.t_ns *= 100;
+    }
+    for e in t.events.iter_mut().filter(|e| e.vcpu == 1) {
+        e.t_ns = e.t_ns * 100 + 1;
+    }
+    let o = run(&t, "always-page");
+    assert_eq!(o.remote_faults, 19, "{o:?}");
+    assert_eq!(o.page_moves, 19, "{o:?}");
+    // A reader waits for the write it saw; reads of other pages do not wait.
+    let t = trace(2, &[(0, 3000, true), (1, 3000, false), (1, 9000, false)]);
+    let o = run(&t, "always-page");
+    assert_eq!(o.replicas_made, 1, "{o:?}");
+}
+
+#[test]
+fn looking_ahead_leaves_the_replay_as_it_was() {
+    let touches: Vec<_> = (0..200)
+        .map(|i| {
+            let v = (i % 3) as u16;
+            (v, 1000 + (i * 37) % 9000, i % 5 == 0)
+        })
+        .collect();
+    let t = trace(3, &touches);
+    for policy in ["always-page", "heuristic", "random"] {
+        let plain = run(&t, policy);
+        let mut make = |n| by_name(policy, 1, n).unwrap();
+        let (labelled, labels) =
+            replay_labelled(&t, &shape(), &COSTS, Decider::Policy(&mut make), 8, true).unwrap();
+        assert_eq!(
+            plain, labelled,
+            "{policy}: the labels' look-aheads changed the replay"
+        );
+        assert_eq!(
+            labels.len() as u64,
+            labelled.remote_faults - upgrades(&t, policy)
+        );
+        assert!(labels
+            .iter()
+            .all(|l| l.cost_page_ns > 0 && l.cost_vcpu_ns > 0));
+    }
+}
+
+/// Faults no policy decides (an upgrade of a page already on the vCPU's node).
+fn upgrades(t: &Trace, policy: &str) -> u64 {
+    let mut make = |n| by_name(policy, 1, n).unwrap();
+    let mut sim = Sim::new(t, &shape(), &COSTS).unwrap();
+    let mut policies: Vec<_> = (0..2).map(&mut make).collect();
+    let mut n = 0;
+    while let Some(s) = sim.take() {
+        let d = sim.fault(&s).map(|f| {
+            if sim.decided(&s, &f) {
+                let fc = sim.context(&s, &f);
+                (f, policies[fc.node as usize].decide(&fc))
+            } else {
+                n += 1;
+                (f, Decision::MovePage)
+            }
+        });
+        sim.serve(s, d).unwrap();
+    }
+    n
+}
+
+#[test]
+fn the_oracle_moves_a_vcpu_to_its_data_and_brings_a_stray_page() {
+    // vCPU 1 (node 1) reads 100 pages of node 0, where no vCPU runs: it should go there.
+    let t = trace(
+        2,
+        &(0..100)
+            .map(|i| (1u16, 1000 + i, false))
+            .collect::<Vec<_>>(),
+    );
+    let (o, labels) =
+        replay_labelled(&t, &shape(), &COSTS, Decider::Oracle, DEFAULT_HORIZON, true).unwrap();
+    assert_eq!(o.vcpu_moves, 1, "{o:?}");
+    assert_eq!(labels[0].taken, Decision::MoveVcpu);
+    assert!(
+        labels[0].cost_vcpu_ns < labels[0].cost_page_ns,
+        "{:?}",
+        labels[0]
+    );
+    // One page of node 0, then 50 of its own node's: moving would make those remote.
+    let mut touches = vec![(1u16, 1000, false)];
+    touches.extend((0..50).map(|i| (1u16, 9000 + i, false)));
+    let (o, labels) = replay_labelled(
+        &trace(2, &touches),
+        &shape(),
+        &COSTS,
+        Decider::Oracle,
+        DEFAULT_HORIZON,
+        true,
+    )
+    .unwrap();
+    assert_eq!((o.vcpu_moves, o.page_moves), (0, 1), "{o:?}");
+    assert_eq!(labels[0].taken, Decision::MovePage);
+    let e = replay_labelled(&t, &shape(), &COSTS, Decider::Oracle, 0, false);
+    assert!(matches!(e, Err(SimError::Horizon)));
+}

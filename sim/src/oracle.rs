@@ -1,0 +1,113 @@
+//! The oracle, and per-fault labels for training.
+//!
+//! At every fault a policy decides, the simulator can play both choices forward: serve
+//! the fault by bringing the page, or by moving the vCPU, then run the next `horizon`
+//! touches of every vCPU with a fixed continuation (every later fault brings the page),
+//! and add up what the vCPUs' clocks advanced. The cheaper choice is the oracle's
+//! decision; the two costs are the fault's label.
+//!
+//! The look-ahead is myopic by design (a fixed continuation, a bounded horizon): it is
+//! the cost a decision causes soon, not the best of all futures. What it can still miss:
+//! a vCPU move that pays off only beyond the horizon, and a page move whose harm is
+//! a bounce far later.
+
+use crate::{Decision, Outcome, Shape, Sim, SimError};
+use flotilla_placement::features::{features, FEATURE_COUNT};
+use flotilla_placement::Policy;
+use flotilla_telemetry::trace::Trace;
+use flotilla_transport::NodeId;
+
+/// Touches per vCPU each look-ahead plays, unless told otherwise.
+pub const DEFAULT_HORIZON: usize = 32;
+
+/// One decided fault, with what each choice would have cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Label {
+    /// Simulated time of the fault.
+    pub t_ns: u64,
+    pub vcpu: u32,
+    pub node: NodeId,
+    pub page: u64,
+    pub holder: NodeId,
+    /// `flotilla_placement::features` of the fault, as the engine would compute it.
+    pub features: [f32; FEATURE_COUNT],
+    /// vCPU time spent over the look-ahead if the page is brought, in ns.
+    pub cost_page_ns: u64,
+    /// The same if the vCPU moves to the holder.
+    pub cost_vcpu_ns: u64,
+    /// What the replay did (the oracle: the cheaper, a page move on a tie).
+    pub taken: Decision,
+}
+
+/// Who decides the faults of a labelled replay.
+pub enum Decider<'a> {
+    /// The cheaper choice by look-ahead.
+    Oracle,
+    /// A policy per node; the look-ahead only labels.
+    Policy(&'a mut dyn FnMut(NodeId) -> Box<dyn Policy>),
+}
+
+/// Replays `trace` on `shape` with `costs`, decided by `decider`; with `labels`, every
+/// decided fault's [`Label`]. The oracle looks ahead whether or not it labels.
+pub fn replay_labelled(
+    trace: &Trace,
+    shape: &Shape,
+    costs: &crate::Costs,
+    decider: Decider<'_>,
+    horizon: usize,
+    labels: bool,
+) -> Result<(Outcome, Vec<Label>), SimError> {
+    if horizon == 0 {
+        return Err(SimError::Horizon);
+    }
+    let mut sim = Sim::new(trace, shape, costs)?;
+    let mut policies: Option<Vec<Box<dyn Policy>>> = match decider {
+        Decider::Oracle => None,
+        Decider::Policy(make) => Some((0..shape.nodes).map(make).collect()),
+    };
+    let mut out = Vec::new();
+    while let Some(s) = sim.take() {
+        let Some(f) = sim.fault(&s) else {
+            sim.serve(s, None)?;
+            continue;
+        };
+        if !sim.decided(&s, &f) {
+            sim.serve(s, Some((f, Decision::MovePage)))?;
+            continue;
+        }
+        let (x, node, chosen) = {
+            let fc = sim.context(&s, &f);
+            let chosen = policies.as_mut().map(|p| p[fc.node as usize].decide(&fc));
+            (features(&fc), fc.node, chosen)
+        };
+        let looked = if labels || chosen.is_none() {
+            let now: u64 = sim.clocks();
+            let page = sim.look_ahead(s, f, Decision::MovePage, horizon)?;
+            let vcpu = sim.look_ahead(s, f, Decision::MoveVcpu, horizon)?;
+            Some((page.saturating_sub(now), vcpu.saturating_sub(now)))
+        } else {
+            None
+        };
+        let taken = match (chosen, looked) {
+            (Some(d), _) => d,
+            (None, Some((page, vcpu))) if vcpu < page => Decision::MoveVcpu,
+            (None, _) => Decision::MovePage,
+        };
+        if labels {
+            let (cost_page_ns, cost_vcpu_ns) = looked.unwrap_or_default();
+            out.push(Label {
+                t_ns: s.t,
+                vcpu: s.v as u32,
+                node,
+                page: s.touch.page,
+                holder: f.holder,
+                features: x,
+                cost_page_ns,
+                cost_vcpu_ns,
+                taken,
+            });
+        }
+        sim.serve(s, Some((f, taken)))?;
+    }
+    Ok((sim.finish(), out))
+}
