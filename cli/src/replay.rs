@@ -13,7 +13,8 @@ use std::time::Instant;
 pub struct ReplayArgs {
     /// The trace (*.ftrace or *.ftrace.gz).
     pub trace: PathBuf,
-    /// Placement policy (default: the one the trace was recorded under).
+    /// Placement policy (default: the one the trace was recorded under), or `oracle`:
+    /// at each fault, the cheaper choice by looking ahead (docs/simulator.md).
     #[arg(long)]
     pub policy: Option<String>,
     /// Nodes of the simulated cluster (default: the trace's).
@@ -31,6 +32,13 @@ pub struct ReplayArgs {
     /// between touches, which a reference-stream recording inflates.
     #[arg(long, value_name = "MS")]
     pub one_node_ms: Option<f64>,
+    /// Write a label for every fault a policy decides to FILE (Parquet): its features
+    /// (`flotilla_placement::features`) and the cost of each choice by look-ahead.
+    #[arg(long, value_name = "FILE")]
+    pub labels: Option<PathBuf>,
+    /// Touches per vCPU each look-ahead plays (the oracle and --labels).
+    #[arg(long, default_value_t = flotilla_sim::DEFAULT_HORIZON as u64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub horizon: u64,
     /// Print exactly one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -41,7 +49,17 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         .map_err(|e| anyhow!("trace {}: {e}", a.trace.display()))?;
     let meta = &trace.meta;
     let policy = a.policy.clone().unwrap_or_else(|| meta.policy.clone());
-    flotilla_placement::by_name(&policy, meta.seed, 0).map_err(|e| anyhow!("--policy: {e}"))?;
+    let oracle = policy == "oracle";
+    if !oracle {
+        flotilla_placement::by_name(&policy, meta.seed, 0)
+            .map_err(|e| anyhow!("--policy: {e} (or oracle, in replay)"))?;
+    }
+    // Fail on an unwritable labels file before a long replay, not after.
+    let labels_file = a
+        .labels
+        .as_ref()
+        .map(|p| std::fs::File::create(p).map_err(|e| anyhow!("--labels {}: {e}", p.display())))
+        .transpose()?;
     let run = meta.run.as_ref();
     let shape = Shape {
         nodes: a.nodes.unwrap_or(meta.nodes),
@@ -68,10 +86,29 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
     }
     let started = Instant::now();
     let seed = meta.seed;
-    let out = flotilla_sim::replay(&trace, &shape, &costs, |n| {
-        flotilla_placement::by_name(&policy, seed, n).expect("checked above")
-    })
+    let mut make = |n| flotilla_placement::by_name(&policy, seed, n).expect("checked above");
+    let decider = if oracle {
+        flotilla_sim::Decider::Oracle
+    } else {
+        flotilla_sim::Decider::Policy(&mut make)
+    };
+    let (out, labels) = if oracle || labels_file.is_some() {
+        flotilla_sim::replay_labelled(
+            &trace,
+            &shape,
+            &costs,
+            decider,
+            a.horizon as usize,
+            labels_file.is_some(),
+        )
+    } else {
+        flotilla_sim::replay(&trace, &shape, &costs, &mut make).map(|o| (o, Vec::new()))
+    }
     .map_err(|e| anyhow!("replaying {}: {e}", a.trace.display()))?;
+    if let (Some(file), Some(path)) = (labels_file, &a.labels) {
+        crate::labels::write(file, &labels, &trace, &policy, &shape, a.horizon)
+            .map_err(|e| anyhow!("--labels {}: {e}", path.display()))?;
+    }
     let took = started.elapsed().as_secs_f64();
     let rate = out.events as f64 / took.max(1e-9);
     let reference = run.is_some_and(|r| r.touch_epoch_ns > 0);
@@ -95,6 +132,8 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
             "vcpu_moves": out.vcpu_moves,
             "bytes_sent": out.bytes_sent,
             "events": out.events,
+            "labels": a.labels.as_ref().map(|_| labels.len()),
+            "horizon": (oracle || a.labels.is_some()).then_some(a.horizon),
             "replay_events_per_s": rate.round(),
             "costs_ns": {
                 "fetch": costs.fetch_ns, "upgrade": costs.upgrade_ns,

@@ -193,6 +193,113 @@ pub fn write_parquet(t: &Trace, file: std::fs::File) -> Result<(), String> {
     Ok(())
 }
 
+/// One column of a table for [`write_table_parquet`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Column {
+    I64(Vec<i64>),
+    F32(Vec<f32>),
+    Str(Vec<String>),
+}
+
+impl Column {
+    fn len(&self) -> usize {
+        match self {
+            Column::I64(v) => v.len(),
+            Column::F32(v) => v.len(),
+            Column::Str(v) => v.len(),
+        }
+    }
+}
+
+/// Writes named columns of equal length as one Parquet file (Snappy, row groups of up
+/// to 1 M rows), with `metadata` as key-value metadata: the labels of `flotilla replay
+/// --labels`, and any other table the lab writes.
+#[cfg(feature = "parquet")]
+pub fn write_table_parquet(
+    file: std::fs::File,
+    columns: &[(&str, Column)],
+    metadata: &[(&str, String)],
+) -> Result<(), String> {
+    use parquet::basic::{Compression, ConvertedType, Repetition, Type as Physical};
+    use parquet::data_type::{ByteArray, ByteArrayType, FloatType, Int64Type};
+    use parquet::file::metadata::KeyValue;
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use parquet::schema::types::Type;
+    use std::sync::Arc;
+
+    let e = |e: parquet::errors::ParquetError| format!("writing parquet: {e}");
+    let rows = columns.first().map_or(0, |(_, c)| c.len());
+    if let Some((name, _)) = columns.iter().find(|(_, c)| c.len() != rows) {
+        return Err(format!(
+            "column {name} is not {rows} rows long like the first"
+        ));
+    }
+    let fields = columns
+        .iter()
+        .map(|(name, c)| {
+            let b = match c {
+                Column::I64(_) => Type::primitive_type_builder(name, Physical::INT64),
+                Column::F32(_) => Type::primitive_type_builder(name, Physical::FLOAT),
+                Column::Str(_) => Type::primitive_type_builder(name, Physical::BYTE_ARRAY)
+                    .with_converted_type(ConvertedType::UTF8),
+            };
+            b.with_repetition(Repetition::REQUIRED)
+                .build()
+                .map(Arc::new)
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(e)?;
+    let schema = Type::group_type_builder("flotilla_table")
+        .with_fields(fields)
+        .build()
+        .map_err(e)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::SNAPPY)
+        .set_key_value_metadata(Some(
+            metadata
+                .iter()
+                .map(|(k, v)| KeyValue::new(k.to_string(), v.clone()))
+                .collect(),
+        ))
+        .build();
+    let mut w = SerializedFileWriter::new(file, Arc::new(schema), Arc::new(props)).map_err(e)?;
+    const GROUP: usize = 1 << 20;
+    for start in (0..rows.max(1)).step_by(GROUP) {
+        let range = start..(start + GROUP).min(rows);
+        let mut rg = w.next_row_group().map_err(e)?;
+        for (_, c) in columns {
+            let mut col = rg
+                .next_column()
+                .map_err(e)?
+                .ok_or("parquet writer ran out of columns")?;
+            match c {
+                Column::I64(v) => {
+                    col.typed::<Int64Type>()
+                        .write_batch(&v[range.clone()], None, None)
+                }
+                Column::F32(v) => {
+                    col.typed::<FloatType>()
+                        .write_batch(&v[range.clone()], None, None)
+                }
+                Column::Str(v) => col.typed::<ByteArrayType>().write_batch(
+                    &v[range.clone()]
+                        .iter()
+                        .map(|s| ByteArray::from(s.as_str()))
+                        .collect::<Vec<_>>(),
+                    None,
+                    None,
+                ),
+            }
+            .map_err(e)?;
+            col.close().map_err(e)?;
+        }
+        rg.close().map_err(e)?;
+    }
+    w.close().map_err(e)?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
