@@ -6,10 +6,14 @@
 //! - `flotilla node …`: one node of a cluster.
 //! - `flotilla bench …`: benchmarks.
 //! - `flotilla trace stats|export …`: recorded fault traces.
+//! - `flotilla replay TRACE …`: the trace-driven simulator; `--policy oracle`, `--labels`.
+//! - `flotilla ab --a P --b Q`: two policies compared, live and by replay.
 
+mod ab;
 mod bench;
 mod config;
 mod cpus;
+mod labels;
 mod launch;
 mod node;
 mod replay;
@@ -53,6 +57,9 @@ enum Command {
     Trace(trace::TraceCmd),
     /// Replay a trace under a policy and cluster shape in the simulator.
     Replay(replay::ReplayArgs),
+    /// Compare two placement policies: live on the pinned testbed (A B A B …) and by
+    /// replay over a trace directory; a table, --json, or a report with plots.
+    Ab(ab::AbArgs),
 }
 
 fn main() {
@@ -91,6 +98,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Bench(b) => bench::bench(b),
         Command::Trace(t) => trace::trace(t),
         Command::Replay(r) => replay::replay(r),
+        Command::Ab(a) => ab::ab(a),
     }
 }
 
