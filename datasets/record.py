@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """Re-records every trace in datasets/traces/ and rewrites datasets/README.md.
 
-    python3 datasets/record.py            # all 56 traces (a few minutes here)
+    python3 datasets/record.py            # all 14 traces (about 10 minutes here)
     python3 datasets/record.py --only bfs # one workload
 
-Each trace is one `flotilla run` of a built-in workload on a local cluster (TCP, 4 vCPUs,
-round-robin vCPUs, contiguous RAM) with `--trace FILE.ftrace.gz --sample-rate RATE`.
-Runs are checked against the host reference; a run that does not verify is an error.
+Each trace is a reference stream: one `flotilla run` of a built-in workload on a local
+cluster (TCP, 4 vCPUs, round-robin vCPUs, contiguous RAM, always-page) with
+`--trace FILE.ftrace.gz --touch-epoch-ms 5`. Beside it, `calibration.json` holds what a
+replay needs that a slowed-down recording cannot measure: the plain 1-node run time of
+the same guest and the cost medians of a plain run of the same cluster. Runs are
+checked against the host reference; a run that does not verify is an error.
 """
 
 import argparse
@@ -22,32 +25,47 @@ OUT = os.path.join(ROOT, "datasets", "traces")
 BIN = os.path.join(ROOT, "target", "release", "flotilla")
 
 WORKLOADS = {
-    # The medium sizes of `flotilla bench trace-overhead` (and of the 1-4 node table in
-    # the issue-3 notes): tens to hundreds of milliseconds on one node.
-    "stream": "n=200000 reps=5",
-    "matmul": "n=96",
-    "bfs": "vertices=50000 degree=8",
-    "kvstore": "ops=200000 keys=20000",
-    "sort": "n=200000",
-    "queue": "items=50000 capacity=64",
-    "chase": "nodes=20000 steps=50000",
-}
-# always-vcpu ping-pongs a vCPU between its stack and its data (about 120 us a move);
-# it gets smaller inputs of the same shape.
-ALWAYS_VCPU = {
-    "stream": "n=5000 reps=1",
-    "matmul": "n=24",
-    "bfs": "vertices=2000 degree=4",
-    "kvstore": "ops=2000 keys=1000",
-    "sort": "n=5000",
-    "queue": "items=20000 capacity=64",
-    "chase": "nodes=10000 steps=20000",
+    # `flotilla bench sim-fidelity`'s sizes (FIDELITY_ARGS in cli/src/bench.rs), smaller
+    # where a reference stream would not fit the 50 MiB budget.
+    "stream": "n=1m reps=100",
+    "matmul": "n=600",
+    "bfs": "vertices=30000 degree=8",
+    "kvstore": "ops=150k keys=20000",
+    "sort": "n=2m",
+    "queue": "items=200000 capacity=64",
+    "chase": "nodes=250000 steps=250000",
 }
 NODES = [2, 4]
-POLICIES = ["always-page", "always-vcpu", "random", "heuristic"]
+POLICY = "always-page"
 VCPUS = 4
-SAMPLE_RATE = 20000
+EPOCH_MS = 5
 SEED = 1
+ONE_NODE_RUNS = 3
+
+
+def run(cmd, name):
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    try:
+        v = json.loads(p.stdout)
+    except json.JSONDecodeError:
+        sys.exit(f"{name}: no JSON result\n{p.stderr}")
+    if v.get("verified") is not True:
+        sys.exit(f"{name}: did not verify: {v.get('error')}\n{p.stderr}")
+    return v
+
+
+def costs(v):
+    """A run's cost medians, in the field names of a trace's run costs."""
+    p50 = lambda k: (v.get(k) or {}).get("p50")
+    ns = lambda us: None if us is None else int(us) * 1000
+    return {
+        "fault_service_ns": ns(p50("fault_service_us")),
+        "vcpu_move_ns": ns(p50("vcpu_move_us")),
+        "rtt_4k_ns": ns(p50("rtt_4k_us")),
+        "install_ns": ns(p50("install_us")),
+        "capture_ns": ns(p50("capture_us")),
+        "restore_ns": ns(p50("restore_us")),
+    }
 
 
 def main():
@@ -58,33 +76,41 @@ def main():
     if not a.no_build:
         subprocess.run(["cargo", "build", "--release", "-q"], cwd=ROOT, check=True)
     os.makedirs(OUT, exist_ok=True)
+    cal_path = os.path.join(OUT, "calibration.json")
+    calibration = {}
+    if os.path.exists(cal_path):
+        with open(cal_path) as f:
+            calibration = json.load(f)
     rows = []
-    for w, default_args in WORKLOADS.items():
+    for w, args in WORKLOADS.items():
         if a.only and w != a.only:
             continue
+        base = [BIN, "run", "--workload", w, "--args", args, "--vcpus", str(VCPUS),
+                "--seed", str(SEED), "--timeout", "600", "--json"]
+        ones = sorted(run(base + ["--nodes", "1"], f"{w} on 1 node")["wall_ms"]
+                      for _ in range(ONE_NODE_RUNS))
         for nodes in NODES:
-            for policy in POLICIES:
-                args = ALWAYS_VCPU[w] if policy == "always-vcpu" else default_args
-                name = f"{w}-{nodes}n-{policy}.ftrace.gz"
-                path = os.path.join(OUT, name)
-                cmd = [
-                    BIN, "run", "--workload", w, "--args", args, "--vcpus", str(VCPUS),
-                    "--nodes", str(nodes), "--policy", policy, "--seed", str(SEED),
-                    "--transport", "tcp", "--trace", path,
-                    "--sample-rate", str(SAMPLE_RATE), "--timeout", "120", "--json",
-                ]
-                t = time.time()
-                p = subprocess.run(cmd, capture_output=True, text=True)
-                try:
-                    v = json.loads(p.stdout)
-                except json.JSONDecodeError:
-                    sys.exit(f"{name}: no JSON result\n{p.stderr}")
-                if v.get("verified") is not True:
-                    sys.exit(f"{name}: did not verify: {v.get('error')}\n{p.stderr}")
-                size = os.path.getsize(path)
-                print(f"{name:40} {v['trace_events']:>8} events {size/1024:>8.0f} KiB "
-                      f"{v['wall_ms']:>8.1f} ms  ({time.time()-t:.1f} s)", flush=True)
-                rows.append((name, w, args, nodes, policy, v, size))
+            name = f"{w}-{nodes}n-{POLICY}.ftrace.gz"
+            path = os.path.join(OUT, name)
+            # Pinned where this host has a CPU per node; 4 nodes share the 2 CPUs here.
+            pin = ["--cpus-per-node", "1"] if nodes <= (os.cpu_count() or 1) else []
+            cluster = base + ["--nodes", str(nodes), "--policy", POLICY,
+                              "--transport", "tcp"] + pin
+            t = time.time()
+            v = run(cluster + ["--trace", path, "--touch-epoch-ms", str(EPOCH_MS)], name)
+            plain = run(cluster, f"{name} (plain run)")
+            calibration[name] = {
+                "one_node_ms": ones[len(ones) // 2],
+                "plain_ms": plain["wall_ms"],
+                "costs": costs(plain),
+            }
+            size = os.path.getsize(path)
+            print(f"{name:40} {v['trace_events']:>8} events {size/1024:>8.0f} KiB "
+                  f"{v['wall_ms']:>8.1f} ms recorded, {plain['wall_ms']:>8.1f} ms plain "
+                  f"({time.time()-t:.1f} s)", flush=True)
+            rows.append((name, w, args, nodes, bool(pin), v, plain, size))
+    with open(cal_path, "w") as f:
+        json.dump(calibration, f, indent=1, sort_keys=True)
     if not a.only:
         write_manifest(rows)
 

@@ -192,7 +192,7 @@ pub fn bench(b: Bench) -> Result<i32> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     if n % 2 == 1 {
@@ -275,7 +275,7 @@ fn overhead(a: OverheadArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn round3(x: f64) -> f64 {
+pub(crate) fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
@@ -677,15 +677,15 @@ fn record_cost(file: &std::path::Path) -> Result<f64> {
 
 /// A built-in workload at a benchmark size: its arguments, guest RAM, and the host
 /// reference checksum on `vcpus` threads.
-struct BenchWorkload {
-    name: String,
-    args: &'static str,
+pub(crate) struct BenchWorkload {
+    pub(crate) name: String,
+    pub(crate) args: &'static str,
     mem: u64,
     reference: u64,
 }
 
 impl BenchWorkload {
-    fn find(table: &[(&str, &'static str)], name: &str, vcpus: u32) -> Result<Self> {
+    pub(crate) fn find(table: &[(&str, &'static str)], name: &str, vcpus: u32) -> Result<Self> {
         let (_, args) = table
             .iter()
             .find(|(w, _)| *w == name)
@@ -705,9 +705,9 @@ impl BenchWorkload {
 }
 
 /// A workload as `bench scaling` runs it: 4 vCPUs, every node pinned to one CPU.
-struct Pinned<'a> {
-    workload: &'a BenchWorkload,
-    transport: &'a str,
+pub(crate) struct Pinned<'a> {
+    pub(crate) workload: &'a BenchWorkload,
+    pub(crate) transport: &'a str,
 }
 
 impl Pinned<'_> {
@@ -723,6 +723,30 @@ impl Pinned<'_> {
         timeout: std::time::Duration,
         observe: crate::node::ObserveArgs,
     ) -> Result<f64> {
+        self.run_measured(nodes, policy, timeout, observe)
+            .map(|(ms, _)| ms)
+    }
+
+    /// One run's wall time and the medians of its cost samples.
+    fn run_measured(
+        &self,
+        nodes: u16,
+        policy: &str,
+        timeout: std::time::Duration,
+        observe: crate::node::ObserveArgs,
+    ) -> Result<(f64, flotilla_telemetry::trace::Costs)> {
+        let r = self.run_reported(nodes, policy, timeout, observe)?;
+        Ok((r.wall_ms, crate::launch::measured_costs(&r.samples)))
+    }
+
+    /// One run, checked: the guest exited 0 with the host's checksum.
+    pub(crate) fn run_reported(
+        &self,
+        nodes: u16,
+        policy: &str,
+        timeout: std::time::Duration,
+        observe: crate::node::ObserveArgs,
+    ) -> Result<crate::report::Reported> {
         let w = self.workload;
         let name = &w.name;
         let launch = Launch {
@@ -740,7 +764,7 @@ impl Pinned<'_> {
         if r.exit_code() != Some(0) || r.report != Some(w.reference) {
             bail!("{name} on {nodes} node(s), {policy}: the guest did not reproduce the host checksum");
         }
-        Ok(r.wall_ms)
+        Ok(r)
     }
 }
 
@@ -1026,8 +1050,15 @@ fn sim_fidelity_in(a: &FidelityArgs, names: &[String], dir: &std::path::Path) ->
             .map_err(|e| anyhow!("trace {}: {e}", file.display()))?;
         let shape = flotilla_sim::Shape { nodes: 2, cpus: 1 };
         let one = w.run(1, "heuristic", std::time::Duration::from_secs(300))?;
-        // The recording ran slow; its compute is scaled to the measured 1-node run.
-        let mut costs = flotilla_sim::Costs::from_trace(&trace);
+        // The recording ran slow, and so did its engine: costs come from a plain run
+        // under the recording policy, and compute is scaled to the measured 1-node run.
+        let (_, measured) = w.run_measured(
+            2,
+            &a.record_policy,
+            std::time::Duration::from_secs(600),
+            Default::default(),
+        )?;
+        let mut costs = flotilla_sim::Costs::measured(&measured);
         costs.compute_scale = flotilla_sim::calibrate_compute(&trace, 1, &costs, one)
             .map_err(|e| anyhow!("calibrating on {name}: {e}"))?;
         let limit = std::time::Duration::from_secs_f64((one * 20.0 / 1e3).max(10.0));

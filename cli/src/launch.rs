@@ -388,7 +388,7 @@ fn launch_caught(l: &Launch) -> Result<Reported> {
 /// Merges the nodes' trace parts into `path`, with what the run's end taught (outcome,
 /// measured costs, CPU sets) in its run metadata; returns the number of events.
 fn merge_trace(parts: &[PathBuf], path: &Path, reported: &Reported) -> Result<u64> {
-    use flotilla_telemetry::trace::{self, Costs, Outcome};
+    use flotilla_telemetry::trace::{self, Outcome};
     let mut read = Vec::new();
     let mut missing = Vec::new();
     for (k, p) in parts.iter().enumerate() {
@@ -405,16 +405,7 @@ fn merge_trace(parts: &[PathBuf], path: &Path, reported: &Reported) -> Result<u6
     };
     let mut meta = first.meta.clone();
     let mut run = meta.run.take().unwrap_or_default();
-    let mut samples = reported.samples.clone();
-    let p50_ns = |list: &mut Vec<u32>| u64::from(quantile(list, 0.5)) * 1000;
-    run.costs = Costs {
-        rtt_4k_ns: p50_ns(&mut samples.rtt_4k_us),
-        install_ns: p50_ns(&mut samples.install_us),
-        capture_ns: p50_ns(&mut samples.capture_us),
-        restore_ns: p50_ns(&mut samples.restore_us),
-        fault_service_ns: p50_ns(&mut samples.fault_service_us),
-        vcpu_move_ns: p50_ns(&mut samples.vcpu_move_us),
-    };
+    run.costs = measured_costs(&reported.samples);
     match &reported.result {
         Ok(code) => run.exit_code = *code,
         Err(e) => {
@@ -524,5 +515,21 @@ fn kill_all(children: &mut [Child]) {
             let _ = c.kill();
         }
         let _ = c.wait();
+    }
+}
+
+/// The medians of a run's cost samples, as a trace's run metadata holds them.
+pub fn measured_costs(
+    samples: &flotilla_transport::wire::Samples,
+) -> flotilla_telemetry::trace::Costs {
+    let mut samples = samples.clone();
+    let p50_ns = |list: &mut Vec<u32>| u64::from(quantile(list, 0.5)) * 1000;
+    flotilla_telemetry::trace::Costs {
+        rtt_4k_ns: p50_ns(&mut samples.rtt_4k_us),
+        install_ns: p50_ns(&mut samples.install_us),
+        capture_ns: p50_ns(&mut samples.capture_us),
+        restore_ns: p50_ns(&mut samples.restore_us),
+        fault_service_ns: p50_ns(&mut samples.fault_service_us),
+        vcpu_move_ns: p50_ns(&mut samples.vcpu_move_us),
     }
 }
