@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 MAGIC = b"FLOTRACE"
-VERSION = 2  # the version writers produce
+VERSION = 3  # the version writers produce
 OLDEST_VERSION = 1  # the oldest version readers accept
 HEADER_BYTES = 16
 BLOCK_HEADER_BYTES = 16
@@ -50,6 +50,7 @@ BLOCK_META = 1
 BLOCK_EVENTS_KIND = 2
 BLOCK_END = 3
 BLOCK_RUN = 4  # version 2: initial placement, measured costs, outcome
+BLOCK_LAYOUT = 5  # version 3: where the image and the stacks are
 
 NONE16 = 0xFFFF
 
@@ -349,6 +350,7 @@ def _run_meta(raw: dict, lists: dict, nodes: int, vcpus: int) -> dict:
         "error": error,
         "missing_nodes": missing,
         "wall_ns": raw["wall_ns"],
+        "layout": None,
     }
 
 
@@ -398,7 +400,9 @@ def _parse(data: bytes) -> tuple[dict, list[dict]]:
         raise _truncated(f"{n} bytes, shorter than the file header")
     _, version, header_len, reserved = _FILE_HEADER.unpack_from(data, 0)
     if not OLDEST_VERSION <= version <= VERSION:
-        raise VersionError(f"trace format version {version}; this build reads version {VERSION}")
+        raise VersionError(
+            f"trace format version {version}; this build reads versions {OLDEST_VERSION} to {VERSION}"
+        )
     if header_len != HEADER_BYTES or reserved != 0:
         raise _corrupt("file header: bad header length or reserved bytes")
 
@@ -419,7 +423,11 @@ def _parse(data: bytes) -> tuple[dict, list[dict]]:
         def corrupt(what: str, index=index, at=at) -> CorruptError:
             return _corrupt(f"block {index} at byte {at}: {what}")
 
-        if not BLOCK_META <= kind <= BLOCK_RUN or (kind == BLOCK_RUN and version < 2):
+        if (
+            not BLOCK_META <= kind <= BLOCK_LAYOUT
+            or (kind == BLOCK_RUN and version < 2)
+            or (kind == BLOCK_LAYOUT and version < 3)
+        ):
             raise corrupt(f"unknown block kind {kind}")
         if length > MAX_BLOCK_BYTES:
             raise corrupt(f"payload of {length} bytes exceeds {MAX_BLOCK_BYTES}")
@@ -468,6 +476,25 @@ def _parse(data: bytes) -> tuple[dict, list[dict]]:
                 raise corrupt(f"run metadata: {e}") from None
         elif version >= 2 and index == 1:
             raise corrupt("the second block is not the run block")
+        elif kind == BLOCK_LAYOUT:
+            if index != 2:
+                raise corrupt("the layout block is not the third block")
+            if len(payload) < 24:
+                raise corrupt(f"layout archive: {len(payload)} bytes, smaller than its 24-byte root")
+            first, end, stacks = struct.unpack_from("<QQQ", payload, len(payload) - 24)
+            pages = meta["mem_bytes"] // 4096
+            if first > end or end > pages or stacks > pages or (stacks != 0 and stacks < end):
+                raise corrupt(
+                    f"layout: image pages {first:#x}..{end:#x} and stacks from {stacks:#x} "
+                    f"do not fit {pages:#x} pages in order"
+                )
+            if meta["run"] is not None:
+                meta["run"]["layout"] = (
+                    None if (first, end, stacks) == (0, 0, 0)
+                    else {"image_pages": (first, end), "stacks_first_page": stacks}
+                )
+        elif version >= 3 and index == 2:
+            raise corrupt("the third block is not the layout block")
         elif kind == BLOCK_EVENTS_KIND:
             try:
                 first, held, end = _event_block(payload)

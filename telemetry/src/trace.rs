@@ -5,14 +5,16 @@
 //! ```text
 //! file   = header block* ; header = "FLOTRACE" u16:version u16:16 u32:0
 //! block  = u32:kind u32:payload_len u32:crc32(payload) u32:count payload zero-pad-to-16
-//! kinds  = 1 metadata (first, once) | 4 run (version 2: second, once)
+//! kinds  = 1 metadata (first, once) | 4 run (version 2+: second, once)
+//!        | 5 layout (version 3: third, once)
 //!        | 2 events (any number) | 3 end (last; count = events)
 //! payload = an rkyv 0.8 archive (little-endian, aligned, 32-bit offsets)
 //! ```
 //!
 //! Reading validates everything (magic, version, block framing, checksums, the rkyv
 //! archive, every enumerated field, the end marker) and names what is wrong. Version 1
-//! files (no run block) still read, with [`TraceMeta::run`] `None`. Files that
+//! files (no run block) still read, with [`TraceMeta::run`] `None`; version 2 files (no
+//! layout block) with [`RunMeta::layout`] `None`. Files that
 //! start with the gzip magic are decompressed first, so `datasets/*.ftrace.gz` read as is.
 
 use rkyv::rancor;
@@ -21,7 +23,7 @@ use std::path::Path;
 
 pub const MAGIC: [u8; 8] = *b"FLOTRACE";
 /// The version writers produce.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// The oldest version readers accept.
 pub const OLDEST_VERSION: u16 = 1;
 pub const HEADER_BYTES: usize = 16;
@@ -39,6 +41,8 @@ pub const BLOCK_EVENTS_KIND: u32 = 2;
 pub const BLOCK_END: u32 = 3;
 /// Version 2: how the run was laid out, what its mechanisms cost, how it ended.
 pub const BLOCK_RUN: u32 = 4;
+/// Version 3: where the guest image and the vCPUs' stacks are in guest RAM.
+pub const BLOCK_LAYOUT: u32 = 5;
 
 /// `vcpu`, `peer` or `replicas` not known or not applicable.
 pub const NONE16: u16 = u16::MAX;
@@ -252,6 +256,25 @@ pub struct RunMeta {
     pub missing_nodes: Vec<u16>,
     /// The run's wall time.
     pub wall_ns: u64,
+    /// Where the image and the stacks are (version 3; `None` in older files).
+    pub layout: Option<GuestLayout>,
+}
+
+/// Where the engine put the guest image and the vCPUs' stacks, in guest pages. Image
+/// pages start replicated on every node; vCPU `v`'s stack is the `stack_bytes` from
+/// `stacks_first_page + v * stack_bytes / 4096`, homed on `v`'s first node.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct GuestLayout {
+    pub image_pages: std::ops::Range<u64>,
+    pub stacks_first_page: u64,
+}
+
+/// The archived form of [`GuestLayout`].
+#[derive(rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+struct LayoutRecord {
+    image_first_page: u64,
+    image_end_page: u64,
+    stacks_first_page: u64,
 }
 
 /// The archived form of [`TraceMeta`]: text as UTF-8 byte vectors, so the layout stays
@@ -406,6 +429,26 @@ fn run_meta(r: &ArchivedRunRecord, nodes: u16, vcpus: u32) -> Result<RunMeta, St
         error,
         missing_nodes,
         wall_ns: r.wall_ns.to_native(),
+        layout: None,
+    })
+}
+
+/// Reads and checks a layout record against the guest's RAM.
+fn guest_layout(r: &ArchivedLayoutRecord, mem_bytes: u64) -> Result<GuestLayout, String> {
+    let (first, end, stacks) = (
+        r.image_first_page.to_native(),
+        r.image_end_page.to_native(),
+        r.stacks_first_page.to_native(),
+    );
+    let pages = mem_bytes / 4096;
+    if first > end || end > pages || stacks > pages || (stacks != 0 && stacks < end) {
+        return Err(format!(
+            "image pages {first:#x}..{end:#x} and stacks from {stacks:#x} do not fit {pages:#x} pages in order"
+        ));
+    }
+    Ok(GuestLayout {
+        image_pages: first..end,
+        stacks_first_page: stacks,
     })
 }
 
@@ -424,7 +467,7 @@ pub enum TraceError {
     Io { path: String, error: std::io::Error },
     #[error("not a Flotilla trace (the file does not start with \"FLOTRACE\")")]
     NotATrace,
-    #[error("trace format version {found}; this build reads version {VERSION}")]
+    #[error("trace format version {found}; this build reads versions {OLDEST_VERSION} to {VERSION}")]
     Version { found: u16 },
     #[error("truncated trace: {0}")]
     Truncated(String),
@@ -490,6 +533,14 @@ impl<W: Write> TraceWriter<W> {
         let payload =
             rkyv::to_bytes::<rancor::Error>(&run_record(&run)).map_err(std::io::Error::other)?;
         write_block(&mut out, BLOCK_RUN, &payload, 0)?;
+        let l = run.layout.clone().unwrap_or_default();
+        let payload = rkyv::to_bytes::<rancor::Error>(&LayoutRecord {
+            image_first_page: l.image_pages.start,
+            image_end_page: l.image_pages.end,
+            stacks_first_page: l.stacks_first_page,
+        })
+        .map_err(std::io::Error::other)?;
+        write_block(&mut out, BLOCK_LAYOUT, &payload, 0)?;
         Ok(TraceWriter {
             out,
             events: 0,
@@ -700,7 +751,10 @@ fn parse(bytes: &[u8]) -> Result<Trace, TraceError> {
         let (kind, len, crc, count) = (word(0), word(4), word(8), word(12));
         let corrupt =
             |what: String| TraceError::Corrupt(format!("block {index} at byte {at}: {what}"));
-        if !(BLOCK_META..=BLOCK_RUN).contains(&kind) || (kind == BLOCK_RUN && version < 2) {
+        if !(BLOCK_META..=BLOCK_LAYOUT).contains(&kind)
+            || (kind == BLOCK_RUN && version < 2)
+            || (kind == BLOCK_LAYOUT && version < 3)
+        {
             return Err(corrupt(format!("unknown block kind {kind}")));
         }
         if len > MAX_BLOCK_BYTES {
@@ -773,6 +827,23 @@ fn parse(bytes: &[u8]) -> Result<Trace, TraceError> {
             }
             (_, Some(_)) if version >= 2 && index == 1 => {
                 return Err(corrupt("the second block is not the run block".into()))
+            }
+            (BLOCK_LAYOUT, Some(m)) => {
+                if index != 2 {
+                    return Err(corrupt("the layout block is not the third block".into()));
+                }
+                let r = rkyv::access::<ArchivedLayoutRecord, rancor::Error>(&aligned)
+                    .map_err(|e| corrupt(format!("layout archive: {e}")))?;
+                let l = guest_layout(r, m.mem_bytes)
+                    .map_err(|e| corrupt(format!("layout: {e}")))?;
+                // All zeros: the writer did not know (a trace rewritten from an older one).
+                let known = l != GuestLayout::default();
+                if let Some(run) = meta.as_mut().and_then(|m| m.run.as_mut()) {
+                    run.layout = known.then_some(l);
+                }
+            }
+            (_, Some(_)) if version >= 3 && index == 2 => {
+                return Err(corrupt("the third block is not the layout block".into()))
             }
             (BLOCK_EVENTS_KIND, Some(m)) => {
                 let b = rkyv::access::<ArchivedEventBlock, rancor::Error>(&aligned)
@@ -925,6 +996,10 @@ mod tests {
                 error: "vCPU 1: triple fault".into(),
                 missing_nodes: vec![1],
                 wall_ns: 123_456_789,
+                layout: Some(GuestLayout {
+                    image_pages: 0x200..0x210,
+                    stacks_first_page: 0x210,
+                }),
             }),
         };
         let events = (0..40_000u64)
@@ -968,19 +1043,55 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// The same trace in format version 1: no run block.
-    fn as_version_1(v2: &[u8]) -> Vec<u8> {
+    /// The same trace in format version 1 (no run block, no layout block) or 2 (no
+    /// layout block).
+    fn as_version(v3: &[u8], version: u16) -> Vec<u8> {
         let block_len = |at: usize| {
-            let len = u32::from_le_bytes(v2[at + 4..at + 8].try_into().unwrap()) as usize;
+            let len = u32::from_le_bytes(v3[at + 4..at + 8].try_into().unwrap()) as usize;
             BLOCK_HEADER_BYTES + len.next_multiple_of(16)
         };
         let meta_end = HEADER_BYTES + block_len(HEADER_BYTES);
-        assert_eq!(v2[meta_end], BLOCK_RUN as u8);
+        assert_eq!(v3[meta_end], BLOCK_RUN as u8);
         let run_end = meta_end + block_len(meta_end);
-        let mut v1 = v2[..meta_end].to_vec();
-        v1[8..10].copy_from_slice(&1u16.to_le_bytes());
-        v1.extend_from_slice(&v2[run_end..]);
-        v1
+        assert_eq!(v3[run_end], BLOCK_LAYOUT as u8);
+        let layout_end = run_end + block_len(run_end);
+        let keep = if version == 1 { meta_end } else { run_end };
+        let mut old = v3[..keep].to_vec();
+        old[8..10].copy_from_slice(&version.to_le_bytes());
+        old.extend_from_slice(&v3[layout_end..]);
+        old
+    }
+
+    fn as_version_1(v3: &[u8]) -> Vec<u8> {
+        as_version(v3, 1)
+    }
+
+    #[test]
+    fn version_2_files_still_read_without_a_layout_and_version_3_needs_one() {
+        let t = sample_trace();
+        let v2 = as_version(&encode(&t), 2);
+        let read = read_bytes(&v2).unwrap();
+        let mut want = t.meta.run.clone().unwrap();
+        want.layout = None;
+        assert_eq!(read.meta.run, Some(want));
+        assert_eq!(read.events, t.events);
+        let mut bad = v2.clone();
+        bad[8..10].copy_from_slice(&3u16.to_le_bytes());
+        let e = read_bytes(&bad).unwrap_err().to_string();
+        assert!(e.contains("the third block is not the layout block"), "{e}");
+        let mut bad = encode(&t);
+        bad[8..10].copy_from_slice(&2u16.to_le_bytes());
+        let e = read_bytes(&bad).unwrap_err().to_string();
+        assert!(e.contains("unknown block kind 5"), "{e}");
+        // A layout that does not fit the guest's RAM is refused by readers.
+        let mut t = sample_trace();
+        t.meta.run.as_mut().unwrap().layout = Some(GuestLayout {
+            image_pages: 0x200..0x100_0000,
+            stacks_first_page: 0,
+        });
+        let bytes = encode(&t);
+        let e = read_bytes(&bytes).unwrap_err().to_string();
+        assert!(e.contains("do not fit"), "{e}");
     }
 
     #[test]

@@ -56,6 +56,19 @@ pub struct BootedNode {
     metrics_server: Option<MetricsServer>,
 }
 
+/// A trace's metadata with where this guest's image and stacks are.
+fn traced(meta: &flotilla_telemetry::trace::TraceMeta, layout: &BootLayout) -> flotilla_telemetry::trace::TraceMeta {
+    use crate::cluster::uffd::PAGE;
+    let mut meta = meta.clone();
+    if let Some(run) = meta.run.as_mut() {
+        run.layout = Some(flotilla_telemetry::trace::GuestLayout {
+            image_pages: layout.image_start / PAGE..layout.image_end.div_ceil(PAGE),
+            stacks_first_page: layout.stacks_start / PAGE,
+        });
+    }
+    meta
+}
+
 /// Builds a node over guest RAM that is already filled (by boot or a stopped run):
 /// the VM and its vCPUs (`vcpu_states` sets each one up), the node with its policy,
 /// recorder and health signals, and its metrics server. `returned`: vCPUs not to start.
@@ -83,7 +96,7 @@ fn build(
     let policy = flotilla_placement::by_name(&spec.policy, spec.seed, me)
         .map_err(|e| Error::Config(e.to_string()))?;
     let recorder = match &observe.trace {
-        Some(t) => Some(Recorder::create(&t.path, &t.meta).map_err(|e| {
+        Some(t) => Some(Recorder::create(&t.path, &traced(&t.meta, &layout)).map_err(|e| {
             Error::Config(format!(
                 "cannot create trace file {}: {e}",
                 t.path.display()
