@@ -18,10 +18,12 @@
 //! Modelled as the engine does it: RAM homes (contiguous or interleaved), each vCPU's
 //! first node, replicas and invalidations, ownership upgrades.
 //!
+//! Modelled from the trace's layout block (format version 3; older traces home stacks by
+//! the RAM rule and the image like any RAM): the image starts replicated on every node,
+//! each vCPU's stack on its first node, and a fault on a vCPU's own stack brings the page
+//! whatever the policy.
+//!
 //! Not modelled, and said so in the results' use:
-//! - stacks are homed by the RAM rule, not on their vCPU's node (the trace does not say
-//!   where the stacks are);
-//! - the guest image is taken as replicated everywhere and never written;
 //! - futex traffic to node 0 is not replayed;
 //! - messages cost a fixed time each, with no queueing on links;
 //! - a page transaction takes effect when it starts; its cost is charged to the faulting
@@ -35,7 +37,7 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 pub use flotilla_coherence::Decision;
-pub use oracle::{replay_labelled, Decider, Label, DEFAULT_HORIZON};
+pub use oracle::{replay_labelled, replay_labelled_with, Decider, Label, DEFAULT_HORIZON};
 
 mod oracle;
 
@@ -300,11 +302,46 @@ enum Undo {
     },
 }
 
-/// The simulated cluster's pages: every node's copies and homes' directories.
-struct Pages {
+/// Where a guest's pages start, by the engine's rules.
+#[derive(Debug, Clone)]
+struct Homes {
     nodes: u16,
     end: u64,
     interleave: bool,
+    /// Replicated on every node at boot (owned by the RAM rule's home).
+    image: std::ops::Range<u64>,
+    stacks: std::ops::Range<u64>,
+    stack_pages: u64,
+    /// Each vCPU's first node: its stack's home.
+    stack_homes: Vec<NodeId>,
+}
+
+impl Homes {
+    fn home(&self, page: u64) -> NodeId {
+        if let Some(v) = self.stack_of(page) {
+            return self.stack_homes[v as usize];
+        }
+        if self.interleave {
+            (page % self.nodes as u64) as NodeId
+        } else {
+            ((page - FIRST_PAGE) * self.nodes as u64 / (self.end - FIRST_PAGE)) as NodeId
+        }
+    }
+
+    fn stack_of(&self, page: u64) -> Option<u32> {
+        (self.stack_pages > 0 && self.stacks.contains(&page))
+            .then(|| ((page - self.stacks.start) / self.stack_pages) as u32)
+    }
+
+    fn replicated(&self, page: u64) -> bool {
+        self.image.contains(&page)
+    }
+}
+
+/// The simulated cluster's pages: every node's copies and homes' directories.
+struct Pages {
+    nodes: u16,
+    homes: Homes,
     held: Vec<HashMap<u64, Held>>,
     dirs: Vec<PageDirectory>,
     heat: Vec<HashMap<u64, u32>>,
@@ -322,21 +359,25 @@ struct Moved {
 }
 
 impl Pages {
-    fn new(nodes: u16, mem_bytes: u64, interleave: bool) -> Pages {
-        let end = (mem_bytes / 4096).max(FIRST_PAGE + 1);
-        let count = end - FIRST_PAGE;
-        let home = move |p: u64| home_of(p, nodes, end, interleave);
+    fn new(homes: Homes) -> Pages {
+        let nodes = homes.nodes;
+        let count = homes.end - FIRST_PAGE;
+        let all = if nodes >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << nodes) - 1
+        };
         let dirs = (0..nodes)
             .map(|me| {
                 PageDirectory::new(me, nodes, FIRST_PAGE, count, |p| {
-                    (home(p) == me).then_some((me, 1u64 << me))
+                    let copies = if homes.replicated(p) { all } else { 1u64 << me };
+                    (homes.home(p) == me).then_some((me, copies))
                 })
             })
             .collect();
         Pages {
             nodes,
-            end,
-            interleave,
+            homes,
             held: vec![HashMap::new(); nodes as usize],
             dirs,
             heat: vec![HashMap::new(); nodes as usize],
@@ -345,14 +386,17 @@ impl Pages {
     }
 
     fn home(&self, page: u64) -> NodeId {
-        home_of(page, self.nodes, self.end, self.interleave)
+        self.homes.home(page)
     }
 
-    /// How `node` holds `page` (a page never moved is its home's, owned).
+    /// How `node` holds `page` (a page never moved is its home's, owned, and an image
+    /// page is replicated on every other node).
     fn state(&self, node: NodeId, page: u64) -> Option<Held> {
         match self.held[node as usize].get(&page) {
             Some(h) => Some(*h),
-            None if !self.moved(page) && self.home(page) == node => Some(Held::Owned),
+            None if self.moved(page) => None,
+            None if self.home(page) == node => Some(Held::Owned),
+            None if self.homes.replicated(page) => Some(Held::Shared),
             None => None,
         }
     }
@@ -445,10 +489,16 @@ impl Pages {
         Ok(())
     }
 
-    /// Materialises a page's implicit state (owned by its home) before it changes.
+    /// Materialises a page's implicit state (owned by its home, replicated if an image
+    /// page) before it changes.
     fn touch(&mut self, page: u64) {
         if !self.moved(page) {
             let home = self.home(page);
+            if self.homes.replicated(page) {
+                for n in (0..self.nodes).filter(|&n| n != home) {
+                    self.set_held(n, page, Some(Held::Shared));
+                }
+            }
             self.set_held(home, page, Some(Held::Owned));
         }
     }
@@ -531,13 +581,6 @@ impl Pages {
     }
 }
 
-fn home_of(page: u64, nodes: u16, end: u64, interleave: bool) -> NodeId {
-    if interleave {
-        (page % nodes as u64) as NodeId
-    } else {
-        ((page - FIRST_PAGE) * nodes as u64 / (end - FIRST_PAGE)) as NodeId
-    }
-}
 
 /// A vCPU in the simulation: where it is, and its clock.
 #[derive(Clone)]
@@ -571,6 +614,7 @@ struct Saved {
     pos: Vec<usize>,
     vcpus: Vec<SimVcpu>,
     load: Vec<u32>,
+    resident: Vec<u32>,
     ready: BinaryHeap<Reverse<(u64, usize)>>,
     waiting: Vec<Vec<(u32, usize)>>,
     out: Outcome,
@@ -588,8 +632,10 @@ pub(crate) struct Sim {
     pos: Vec<usize>,
     pages: Pages,
     vcpus: Vec<SimVcpu>,
-    /// Runnable vCPUs per node (a vCPU with no touches left takes no CPU).
+    /// Runnable vCPUs per node (a vCPU with no touches left, or waiting, takes no CPU).
     load: Vec<u32>,
+    /// vCPUs on each node that have not finished (what the engine's policies see).
+    resident: Vec<u32>,
     /// The vCPU with the earliest clock goes next.
     ready: BinaryHeap<Reverse<(u64, usize)>>,
     /// vCPUs whose next touch must follow another vCPU's touch not yet served, by that
@@ -639,6 +685,8 @@ impl Sim {
                 history: History::default(),
             })
             .collect();
+        let layout = run.and_then(|r| r.layout.as_ref());
+        let stack_pages = run.map_or(0, |r| r.stack_bytes / 4096);
         let mut load = vec![0u32; shape.nodes as usize];
         for (v, s) in vcpus.iter().zip(&streams) {
             if !s.is_empty() {
@@ -652,8 +700,19 @@ impl Sim {
             ready: (0..streams.len()).map(|v| Reverse((0, v))).collect(),
             waiting: vec![Vec::new(); streams.len()],
             streams,
-            pages: Pages::new(shape.nodes, trace.meta.mem_bytes, interleave),
+            pages: Pages::new(Homes {
+                nodes: shape.nodes,
+                end: (trace.meta.mem_bytes / 4096).max(FIRST_PAGE + 1),
+                interleave,
+                image: layout.map_or(0..0, |l| l.image_pages.clone()),
+                stacks: layout.map_or(0..0, |l| {
+                    l.stacks_first_page..l.stacks_first_page + stack_pages * vcpus.len() as u64
+                }),
+                stack_pages: if layout.is_some() { stack_pages } else { 0 },
+                stack_homes: vcpus.iter().map(|v| v.node).collect(),
+            }),
             vcpus,
+            resident: load.clone(),
             load,
             out: Outcome {
                 events,
@@ -700,9 +759,11 @@ impl Sim {
     }
 
     /// Whether a policy decides `f`: not when the page is on the vCPU's own node (an
-    /// upgrade; the engine forces a page move there too).
+    /// upgrade), nor for the vCPU's own stack, which follows it: the engine brings the
+    /// page then too.
     pub(crate) fn decided(&self, s: &Step, f: &Fault) -> bool {
         f.holder != self.vcpus[s.v].node
+            && self.pages.homes.stack_of(s.touch.page) != Some(s.v as u32)
     }
 
     /// What the engine would tell the policy about `f`.
@@ -717,10 +778,10 @@ impl Sim {
             holder: f.holder,
             home: self.pages.home(s.touch.page),
             have_replica: f.have_replica,
-            local_vcpus: self.load[node as usize],
+            local_vcpus: self.resident[node as usize],
             page_heat: f.heat,
             history: &self.vcpus[s.v].history,
-            node_vcpus: &self.load,
+            node_vcpus: &self.resident,
             cpus: self.shape.cpus,
         }
     }
@@ -775,6 +836,8 @@ impl Sim {
                     self.out.bytes_sent += MOVE_FRAME;
                     self.load[node as usize] -= 1;
                     self.load[holder as usize] += 1;
+                    self.resident[node as usize] -= 1;
+                    self.resident[holder as usize] += 1;
                     self.vcpus[v].node = holder;
                     // There, the page may still need an upgrade (a write to a replica).
                     let mut c = costs.move_ns;
@@ -795,6 +858,7 @@ impl Sim {
         if self.pos[v] >= self.streams[v].len() {
             // It ran to its last touch and stops: no longer runnable where it is.
             self.load[self.vcpus[v].node as usize] -= 1;
+            self.resident[self.vcpus[v].node as usize] -= 1;
         } else {
             self.ready.push(Reverse((t, v)));
         }
@@ -829,6 +893,7 @@ impl Sim {
             pos: self.pos.clone(),
             vcpus: self.vcpus.clone(),
             load: self.load.clone(),
+            resident: self.resident.clone(),
             ready: self.ready.clone(),
             waiting: self.waiting.clone(),
             out: self.out.clone(),
@@ -841,6 +906,7 @@ impl Sim {
         self.pos = s.pos;
         self.vcpus = s.vcpus;
         self.load = s.load;
+        self.resident = s.resident;
         self.ready = s.ready;
         self.waiting = s.waiting;
         self.out = s.out;
@@ -882,6 +948,11 @@ impl Sim {
         result
     }
 
+    /// Touches in all the streams.
+    pub(crate) fn events(&self) -> u64 {
+        self.out.events
+    }
+
     /// The sum of every vCPU's clock, in ns.
     pub(crate) fn clocks(&self) -> u64 {
         self.vcpus.iter().map(|v| v.clock_ns).sum()
@@ -904,8 +975,24 @@ pub fn replay(
     costs: &Costs,
     policy: impl FnMut(NodeId) -> Box<dyn Policy>,
 ) -> Result<Outcome, SimError> {
+    replay_with(trace, shape, costs, policy, &mut |_, _| {})
+}
+
+/// Touches between two calls of a replay's progress callback.
+pub const PROGRESS_EVERY: u64 = 1 << 16;
+
+/// [`replay`], calling `progress(touches done, touches in all)` every
+/// [`PROGRESS_EVERY`] touches (for a progress bar).
+pub fn replay_with(
+    trace: &Trace,
+    shape: &Shape,
+    costs: &Costs,
+    policy: impl FnMut(NodeId) -> Box<dyn Policy>,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<Outcome, SimError> {
     let mut sim = Sim::new(trace, shape, costs)?;
     let mut policies: Vec<Box<dyn Policy>> = (0..shape.nodes).map(policy).collect();
+    let mut done = 0u64;
     while let Some(s) = sim.take() {
         let decided = sim.fault(&s).map(|f| {
             let d = if sim.decided(&s, &f) {
@@ -917,6 +1004,10 @@ pub fn replay(
             (f, d)
         });
         sim.serve(s, decided)?;
+        done += 1;
+        if done % PROGRESS_EVERY == 0 {
+            progress(done, sim.out.events);
+        }
     }
     Ok(sim.finish())
 }

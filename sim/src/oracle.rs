@@ -57,6 +57,19 @@ pub fn replay_labelled(
     horizon: usize,
     labels: bool,
 ) -> Result<(Outcome, Vec<Label>), SimError> {
+    replay_labelled_with(trace, shape, costs, decider, horizon, labels, &mut |_, _| {})
+}
+
+/// [`replay_labelled`] with a progress callback, as [`crate::replay_with`].
+pub fn replay_labelled_with(
+    trace: &Trace,
+    shape: &Shape,
+    costs: &crate::Costs,
+    decider: Decider<'_>,
+    horizon: usize,
+    labels: bool,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<(Outcome, Vec<Label>), SimError> {
     if horizon == 0 {
         return Err(SimError::Horizon);
     }
@@ -66,7 +79,12 @@ pub fn replay_labelled(
         Decider::Policy(make) => Some((0..shape.nodes).map(make).collect()),
     };
     let mut out = Vec::new();
+    let mut done = 0u64;
     while let Some(s) = sim.take() {
+        done += 1;
+        if done % crate::PROGRESS_EVERY == 0 {
+            progress(done, sim.events());
+        }
         let Some(f) = sim.fault(&s) else {
             sim.serve(s, None)?;
             continue;

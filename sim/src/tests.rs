@@ -316,3 +316,31 @@ fn the_oracle_moves_a_vcpu_to_its_data_and_brings_a_stray_page() {
     let e = replay_labelled(&t, &shape(), &COSTS, Decider::Oracle, 0, false);
     assert!(matches!(e, Err(SimError::Horizon)));
 }
+
+#[test]
+fn the_image_starts_everywhere_and_a_stack_follows_its_vcpu() {
+    use flotilla_telemetry::trace::GuestLayout;
+    // Image pages 512..520; 4-page stacks from 520 (vCPU 1's: 524..528, on node 1).
+    let with_layout = |touches: &[(u16, u64, bool)]| {
+        let mut t = trace(2, touches);
+        let run = t.meta.run.as_mut().unwrap();
+        run.stack_bytes = 4 * 4096;
+        run.layout = Some(GuestLayout {
+            image_pages: 512..520,
+            stacks_first_page: 520,
+        });
+        t
+    };
+    let t = with_layout(&[(1, 515, false), (1, 525, true), (1, 526, false)]);
+    let o = run(&t, "always-page");
+    assert_eq!(o.remote_faults, 0, "image replicated, own stack at home: {o:?}");
+    // Writing an image page takes ownership and drops the other copy.
+    let o = run(&with_layout(&[(1, 515, true)]), "always-page");
+    assert_eq!((o.remote_faults, o.invalidations), (1, 1), "{o:?}");
+    // Sent to node 0's data, the vCPU brings its stack page along when it touches it,
+    // whatever the policy says.
+    let t = with_layout(&[(1, 1000, false), (1, 525, true), (1, 1001, false)]);
+    let o = run(&t, "always-vcpu");
+    assert_eq!(o.vcpu_moves, 1, "{o:?}");
+    assert_eq!((o.remote_faults, o.page_moves), (2, 1), "{o:?}");
+}
