@@ -269,7 +269,7 @@ fn replayed(a: &AbArgs, names: &[String]) -> Result<Vec<Row>> {
                 .unwrap_or(1),
         };
         let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let costs = calibrated(&t, &shape, calibration.get(file))
+        let costs = calibrated(&t, calibration.get(file))
             .map_err(|e| anyhow!("calibrating on {}: {e}", path.display()))?;
         let mut row = Row {
             arm: "replay",
@@ -309,7 +309,7 @@ fn replayed(a: &AbArgs, names: &[String]) -> Result<Vec<Row>> {
 }
 
 /// `calibration.json` of a trace directory, if it has one: per trace file, the measured
-/// 1-node run time (`one_node_ms`) and the medians of a plain (unrecorded) run of the same
+/// run time on one node pinned to one CPU (`one_node_ms`) and the medians of a plain (unrecorded) run of the same
 /// configuration (`costs`, the field names of a trace's run costs). `datasets/record.py`
 /// writes it.
 fn read_calibration(dir: &Path) -> Result<serde_json::Map<String, Value>> {
@@ -325,41 +325,42 @@ fn read_calibration(dir: &Path) -> Result<serde_json::Map<String, Value>> {
     }
 }
 
-/// A trace's costs, from its calibration entry where it has one, else from the trace.
+/// A trace's costs, from its calibration entry where it has one (what it measured),
+/// else from the trace.
 pub(crate) fn calibrated(
     t: &flotilla_telemetry::trace::Trace,
-    shape: &flotilla_sim::Shape,
     entry: Option<&Value>,
 ) -> Result<flotilla_sim::Costs> {
     let Some(e) = entry else {
         return Ok(flotilla_sim::Costs::from_trace(t));
     };
-    let ns = |k: &str| -> Result<u64> {
+    // The plain run's medians where it measured them, the trace's elsewhere (a plain run
+    // makes no echo probes, and an always-page run no vCPU moves).
+    let mut c = t.meta.run.as_ref().map(|r| r.costs).unwrap_or_default();
+    for (k, field) in [
+        ("rtt_4k_ns", &mut c.rtt_4k_ns),
+        ("install_ns", &mut c.install_ns),
+        ("capture_ns", &mut c.capture_ns),
+        ("restore_ns", &mut c.restore_ns),
+        ("fault_service_ns", &mut c.fault_service_ns),
+        ("vcpu_move_ns", &mut c.vcpu_move_ns),
+    ] {
         match &e["costs"][k] {
-            Value::Null => Ok(0),
-            v => v
-                .as_u64()
-                .ok_or_else(|| anyhow!("costs.{k} is not a whole number of ns")),
+            Value::Null => {}
+            v => {
+                *field = v
+                    .as_u64()
+                    .ok_or_else(|| anyhow!("costs.{k} is not a whole number of ns"))?
+            }
         }
-    };
-    let measured = flotilla_telemetry::trace::Costs {
-        rtt_4k_ns: ns("rtt_4k_ns")?,
-        install_ns: ns("install_ns")?,
-        capture_ns: ns("capture_ns")?,
-        restore_ns: ns("restore_ns")?,
-        fault_service_ns: ns("fault_service_ns")?,
-        vcpu_move_ns: ns("vcpu_move_ns")?,
-    };
-    let mut costs = if e["costs"].is_object() {
-        flotilla_sim::Costs::measured(&measured)
-    } else {
-        flotilla_sim::Costs::from_trace(t)
-    };
+    }
+    let mut costs = flotilla_sim::Costs::measured(&c);
     if let Some(ms) = e["one_node_ms"].as_f64() {
         if !(ms > 0.0 && ms.is_finite()) {
             bail!("one_node_ms {ms} is not a positive time");
         }
-        costs.compute_scale = flotilla_sim::calibrate_compute(t, shape.cpus, &costs, ms)?;
+        // Measured on one node pinned to one CPU.
+        costs.compute_scale = flotilla_sim::calibrate_compute(t, 1, &costs, ms)?;
     }
     Ok(costs)
 }

@@ -1108,6 +1108,17 @@ fn sim_fidelity_in(a: &FidelityArgs, names: &[String], dir: &std::path::Path) ->
                 }
             }
         }
+        // What looking ahead would cost: the gap to the best policy is what a learned
+        // policy can win.
+        let (oracle, _) = flotilla_sim::replay_labelled(
+            &trace,
+            &shape,
+            &costs,
+            flotilla_sim::Decider::Oracle,
+            flotilla_sim::DEFAULT_HORIZON,
+            false,
+        )
+        .map_err(|e| anyhow!("replaying {name} under the oracle: {e}"))?;
         let winners = (best_live.map(|b| b.1), best_sim.map(|b| b.1));
         if let (Some(l), Some(s)) = winners {
             judged += 1;
@@ -1122,6 +1133,7 @@ fn sim_fidelity_in(a: &FidelityArgs, names: &[String], dir: &std::path::Path) ->
         rows.push(json!({
             "workload": name, "args": found.args, "touches": trace.events.len(),
             "one_node_ms": round3(one), "compute_scale": round3(costs.compute_scale),
+            "oracle_sim_ms": round3(oracle.wall_ms),
             "policies": per_policy,
             "live_winner": winners.0, "sim_winner": winners.1,
         }));

@@ -28,10 +28,16 @@ pub struct ReplayArgs {
     /// difference.
     #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     pub link_us: Option<u64>,
-    /// The measured run time of the same guest on one node: calibrates the compute time
-    /// between touches, which a reference-stream recording inflates.
+    /// The measured run time of the same guest on one node pinned to one CPU (`--nodes 1
+    /// --cpus-per-node 1`): calibrates the compute time between touches, which a
+    /// reference-stream recording inflates.
     #[arg(long, value_name = "MS")]
     pub one_node_ms: Option<f64>,
+    /// A `calibration.json` (as `datasets/record.py` writes beside its traces): the costs
+    /// of a plain run and the 1-node time for this trace's file name, in place of the
+    /// trace's own (a recording's engine runs slow). `--one-node-ms` still wins.
+    #[arg(long, value_name = "FILE")]
+    pub calibration: Option<PathBuf>,
     /// Write a label for every fault a policy decides to FILE (Parquet): its features
     /// (`flotilla_placement::features`) and the cost of each choice by look-ahead.
     #[arg(long, value_name = "FILE")]
@@ -70,7 +76,21 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         }),
     };
     let recorded_delay_ns = run.map_or(0, |r| r.link_delay_ns) as i64;
-    let mut costs = Costs::from_trace(&trace);
+    let mut costs = match &a.calibration {
+        None => Costs::from_trace(&trace),
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| anyhow!("--calibration {}: {e}", file.display()))?;
+            let all: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow!("--calibration {}: {e}", file.display()))?;
+            let name = a.trace.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let entry = all.get(name).ok_or_else(|| {
+                anyhow!("--calibration {}: no entry for {name}", file.display())
+            })?;
+            crate::ab::calibrated(&trace, Some(entry))
+                .map_err(|e| anyhow!("--calibration {}: {name}: {e}", file.display()))?
+        }
+    };
     if let Some(us) = a.link_us {
         costs = costs.with_link_delta(us as i64 * 1000 - recorded_delay_ns);
     }
@@ -78,7 +98,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         if !(ms > 0.0 && ms.is_finite()) {
             bail!("--one-node-ms {ms}: give a positive time in milliseconds");
         }
-        costs.compute_scale = flotilla_sim::calibrate_compute(&trace, shape.cpus, &costs, ms)
+        costs.compute_scale = flotilla_sim::calibrate_compute(&trace, 1, &costs, ms)
             .map_err(|e| anyhow!("calibrating on {}: {e}", a.trace.display()))?;
     }
     if trace.events.is_empty() {
@@ -92,19 +112,24 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
     } else {
         flotilla_sim::Decider::Policy(&mut make)
     };
+    let mut bar = Bar::new(started);
+    let mut progress = |done, total| bar.update(done, total);
     let (out, labels) = if oracle || labels_file.is_some() {
-        flotilla_sim::replay_labelled(
+        flotilla_sim::replay_labelled_with(
             &trace,
             &shape,
             &costs,
             decider,
             a.horizon as usize,
             labels_file.is_some(),
+            &mut progress,
         )
     } else {
-        flotilla_sim::replay(&trace, &shape, &costs, &mut make).map(|o| (o, Vec::new()))
+        flotilla_sim::replay_with(&trace, &shape, &costs, &mut make, &mut progress)
+            .map(|o| (o, Vec::new()))
     }
     .map_err(|e| anyhow!("replaying {}: {e}", a.trace.display()))?;
+    bar.finish();
     if let (Some(file), Some(path)) = (labels_file, &a.labels) {
         crate::labels::write(file, &labels, &trace, &policy, &shape, a.horizon)
             .map_err(|e| anyhow!("--labels {}: {e}", path.display()))?;
@@ -168,4 +193,47 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         ));
     }
     Ok(0)
+}
+
+/// A progress bar on stderr, for a replay that has run longer than a second, when stderr
+/// is a terminal.
+struct Bar {
+    started: Instant,
+    shown: Option<indicatif::ProgressBar>,
+    terminal: bool,
+}
+
+impl Bar {
+    fn new(started: Instant) -> Bar {
+        use std::io::IsTerminal;
+        Bar {
+            started,
+            shown: None,
+            terminal: std::io::stderr().is_terminal(),
+        }
+    }
+
+    fn update(&mut self, done: u64, total: u64) {
+        if !self.terminal {
+            return;
+        }
+        if self.shown.is_none() && self.started.elapsed().as_secs_f64() >= 1.0 {
+            let b = indicatif::ProgressBar::new(total);
+            if let Ok(style) = indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:40}] {pos}/{len} touches, {per_sec}, {eta} left",
+            ) {
+                b.set_style(style);
+            }
+            self.shown = Some(b);
+        }
+        if let Some(b) = &self.shown {
+            b.set_position(done);
+        }
+    }
+
+    fn finish(self) {
+        if let Some(b) = self.shown {
+            b.finish_and_clear();
+        }
+    }
 }
