@@ -155,6 +155,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
             "replicas_made": out.replicas_made,
             "invalidations": out.invalidations,
             "vcpu_moves": out.vcpu_moves,
+            "pages_claimed": out.pages_claimed,
             "bytes_sent": out.bytes_sent,
             "events": out.events,
             "labels": a.labels.as_ref().map(|_| labels.len()),

@@ -65,6 +65,62 @@ impl History {
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
+
+    /// Largest [`encode`](Self::encode)d history.
+    pub const MAX_ENCODED: usize = 5 + Self::CAPACITY * Self::RECORD_BYTES;
+    const RECORD_BYTES: usize = 12;
+
+    /// The history as bytes, to travel with its vCPU when it moves (a policy's view of
+    /// a vCPU must not depend on which node it is on): `faults_since_move` (u32 LE), the
+    /// record count (u8), then per record, oldest first, page (u64 LE), access code (u8),
+    /// holder (u16 LE), decision code (u8).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(5 + self.records.len() * Self::RECORD_BYTES);
+        out.extend_from_slice(&self.faults_since_move.to_le_bytes());
+        out.push(self.records.len() as u8);
+        for r in &self.records {
+            out.extend_from_slice(&r.page.to_le_bytes());
+            out.push(r.access.code());
+            out.extend_from_slice(&r.holder.to_le_bytes());
+            out.push(r.decision.code());
+        }
+        out
+    }
+
+    /// Reads [`encode`](Self::encode)'s bytes back; says what is wrong with bad ones.
+    pub fn decode(bytes: &[u8]) -> Result<History, String> {
+        let [a, b, c, d, n, rest @ ..] = bytes else {
+            return Err(format!("a history of {} bytes, shorter than 5", bytes.len()));
+        };
+        let n = *n as usize;
+        if n > Self::CAPACITY || rest.len() != n * Self::RECORD_BYTES {
+            return Err(format!(
+                "a history of {n} records in {} bytes (at most {} records of {} bytes)",
+                rest.len(),
+                Self::CAPACITY,
+                Self::RECORD_BYTES
+            ));
+        }
+        let mut records = std::collections::VecDeque::with_capacity(n);
+        for r in rest.chunks_exact(Self::RECORD_BYTES) {
+            let page = u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
+            let access =
+                Access::from_code(r[8]).ok_or_else(|| format!("access code {}", r[8]))?;
+            let holder = u16::from_le_bytes([r[9], r[10]]);
+            let decision =
+                Decision::from_code(r[11]).ok_or_else(|| format!("decision code {}", r[11]))?;
+            records.push_back(FaultRecord {
+                page,
+                access,
+                holder,
+                decision,
+            });
+        }
+        Ok(History {
+            records,
+            faults_since_move: u32::from_le_bytes([*a, *b, *c, *d]),
+        })
+    }
 }
 
 /// Everything the engine knows cheaply at a remote fault.
@@ -294,6 +350,30 @@ mod tests {
         assert_ne!(draw(7), draw(8));
         let d = draw(7);
         assert!(d.contains(&Decision::MovePage) && d.contains(&Decision::MoveVcpu));
+    }
+
+    #[test]
+    fn a_history_travels_as_bytes_and_bad_bytes_are_named() {
+        let mut h = History::default();
+        for i in 0..20 {
+            h.push(FaultRecord {
+                page: 1 << 40 | i,
+                access: Access::ALL[i as usize % 3],
+                holder: (i % 5) as NodeId,
+                decision: Decision::ALL[i as usize % 2],
+            });
+        }
+        let bytes = h.encode();
+        assert_eq!(bytes.len(), History::MAX_ENCODED);
+        let back = History::decode(&bytes).unwrap();
+        assert_eq!(back.records().collect::<Vec<_>>(), h.records().collect::<Vec<_>>());
+        assert_eq!(back.faults_since_move, h.faults_since_move);
+        assert!(History::decode(&bytes[..3]).unwrap_err().contains("shorter than 5"));
+        assert!(History::decode(&bytes[..20]).unwrap_err().contains("16 records"));
+        let mut bad = bytes.clone();
+        bad[5 + 8] = 9;
+        assert!(History::decode(&bad).unwrap_err().contains("access code 9"));
+        assert!(History::decode(&History::default().encode()).unwrap().is_empty());
     }
 
     #[test]

@@ -14,6 +14,18 @@ use std::collections::{HashMap, VecDeque};
 /// A message the directory wants sent.
 pub type Outgoing = (NodeId, Message);
 
+/// Most pages one claim of fresh memory asks for (the wire allows
+/// [`CLAIM_MAX_PAGES`](crate::wire::CLAIM_MAX_PAGES)): the engine's rule, which the
+/// simulator follows too.
+pub const CLAIM_EXTENT: u8 = 16;
+const _: () = assert!(CLAIM_EXTENT <= crate::wire::CLAIM_MAX_PAGES);
+
+/// A node's first touch of a page it holds maps the pages after it that it holds the
+/// same way and has never mapped either, up to this many in all (a guest touching fresh
+/// memory goes on to the next page). The engine's rule, which the simulator follows:
+/// a mapped page is no longer fresh, so no claim can take it.
+pub const FIRST_TOUCH_RUN: u64 = 16;
+
 /// A peer broke the protocol (or a bug did): the run must end.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolError {

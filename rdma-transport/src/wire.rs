@@ -10,7 +10,9 @@
 use crate::{Access, NodeId};
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"FLTL");
-pub const VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
+/// Largest vCPU history a `VcpuMove` may carry.
+pub const MAX_HISTORY_BYTES: usize = 1024;
 pub const HEADER_BYTES: usize = 20;
 pub const PAGE_BYTES: usize = 4096;
 /// Largest body of any frame: a vCPU state, or a console chunk.
@@ -190,13 +192,17 @@ pub enum Message {
     /// A vCPU's full state; it faulted on `page` and re-executes there. `fault_ns` is
     /// the sender's CLOCK_MONOTONIC at the fault (meaningful to nodes on the same host),
     /// `clock_ns` the guest clock at the move (so it never runs backwards),
-    /// `sender_vcpus` the vCPUs left running on the sender (a load hint for policies).
+    /// `sender_vcpus` the vCPUs left running on the sender (a load hint for policies),
+    /// `history` the vCPU's recent faults as its policy saw them (`History::encode` of
+    /// the placement crate, at most [`MAX_HISTORY_BYTES`]), so a policy sees the same vCPU
+    /// on every node.
     VcpuMove {
         vcpu: u32,
         page: u64,
         fault_ns: u64,
         clock_ns: u64,
         sender_vcpus: u32,
+        history: Vec<u8>,
         state: Vec<u8>,
     },
     /// A bare 4 KiB request (`reply` false) or response, for measuring the wire.
@@ -448,6 +454,7 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             fault_ns,
             clock_ns,
             sender_vcpus,
+            history,
             state,
         } => {
             w.u32(*vcpu);
@@ -455,6 +462,8 @@ pub fn encode(msg: &Message, out: &mut Vec<u8>) {
             w.u64(*fault_ns);
             w.u64(*clock_ns);
             w.u32(*sender_vcpus);
+            w.u16(history.len() as u16);
+            w.bytes(history);
             w.bytes(state);
         }
         Message::Echo { reply, data } => {
@@ -595,7 +604,7 @@ pub fn decode_header(bytes: &[u8]) -> Result<Header, WireError> {
         K_CLAIM => exact(10)?,
         K_CLAIMED | K_CLAIM_DONE => exact(17)?,
         K_PAGE_DATA => exact(10 + PAGE_BYTES)?,
-        K_VCPU_MOVE => at_most(32, MAX_BODY_BYTES)?,
+        K_VCPU_MOVE => at_most(34, MAX_BODY_BYTES)?,
         K_ECHO => exact(1 + PAGE_BYTES)?,
         K_FUTEX_WAIT => exact(24)?,
         K_FUTEX_WAKE => exact(16)?,
@@ -708,14 +717,27 @@ pub fn decode_body(header: Header, body: &[u8]) -> Result<Message, WireError> {
                 }
             }
         }
-        K_VCPU_MOVE => Message::VcpuMove {
-            vcpu: r.u32()?,
-            page: r.u64()?,
-            fault_ns: r.u64()?,
-            clock_ns: r.u64()?,
-            sender_vcpus: r.u32()?,
-            state: r.rest().to_vec(),
-        },
+        K_VCPU_MOVE => {
+            let (vcpu, page, fault_ns, clock_ns, sender_vcpus) =
+                (r.u32()?, r.u64()?, r.u64()?, r.u64()?, r.u32()?);
+            let n = r.u16()?;
+            if n as usize > MAX_HISTORY_BYTES {
+                return Err(WireError::Field {
+                    kind,
+                    field: "history length",
+                    value: n as u64,
+                });
+            }
+            Message::VcpuMove {
+                vcpu,
+                page,
+                fault_ns,
+                clock_ns,
+                sender_vcpus,
+                history: r.take(n as usize)?.to_vec(),
+                state: r.rest().to_vec(),
+            }
+        }
         K_ECHO => {
             let reply = match r.u8()? {
                 0 => false,
@@ -934,6 +956,7 @@ mod tests {
                 fault_ns: 5,
                 clock_ns: 6,
                 sender_vcpus: 2,
+                history: vec![9, 8],
                 state: vec![1, 2, 3],
             },
             Message::Echo {

@@ -34,6 +34,7 @@ fn valid_frames() -> Vec<Vec<u8>> {
             fault_ns: 4,
             clock_ns: 5,
             sender_vcpus: 2,
+            history: vec![1; 40],
             state: vec![9; 300],
         },
         Message::Console {

@@ -31,7 +31,7 @@
 
 use flotilla_placement::{FaultContext, FaultRecord, History, Policy};
 use flotilla_telemetry::trace::{EventKind, Trace, NONE16};
-use flotilla_transport::directory::PageDirectory;
+use flotilla_transport::directory::{PageDirectory, CLAIM_EXTENT, FIRST_TOUCH_RUN};
 use flotilla_transport::{Access, Message, NodeId};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -157,6 +157,8 @@ pub struct Outcome {
     pub replicas_made: u64,
     pub invalidations: u64,
     pub vcpu_moves: u64,
+    /// Pages of fresh memory a node took over with no data sent (a claim).
+    pub pages_claimed: u64,
     pub bytes_sent: u64,
     /// Touches replayed.
     pub events: u64,
@@ -294,6 +296,8 @@ enum Undo {
         page: u64,
         was: Option<u32>,
     },
+    /// `page` was touched for the first time.
+    Touched { page: u64 },
     Directory {
         home: NodeId,
         page: u64,
@@ -345,6 +349,9 @@ struct Pages {
     held: Vec<HashMap<u64, Held>>,
     dirs: Vec<PageDirectory>,
     heat: Vec<HashMap<u64, u32>>,
+    /// Pages some vCPU has touched: the others are fresh memory, which a claim can take
+    /// with no data sent.
+    touched: std::collections::HashSet<u64>,
     /// While a look-ahead runs: every change, so it can be undone.
     journal: Option<Vec<Undo>>,
 }
@@ -381,6 +388,7 @@ impl Pages {
             held: vec![HashMap::new(); nodes as usize],
             dirs,
             heat: vec![HashMap::new(); nodes as usize],
+            touched: Default::default(),
             journal: None,
         }
     }
@@ -476,6 +484,9 @@ impl Pages {
                         None => h.remove(&page),
                     };
                 }
+                Undo::Touched { page } => {
+                    self.touched.remove(&page);
+                }
                 Undo::Directory {
                     home,
                     page,
@@ -487,6 +498,66 @@ impl Pages {
             }
         }
         Ok(())
+    }
+
+    /// Notes that a vCPU touched `page`; returns whether it was fresh until now.
+    fn first_touch(&mut self, page: u64) -> bool {
+        let fresh = self.touched.insert(page);
+        if fresh {
+            if let Some(j) = &mut self.journal {
+                j.push(Undo::Touched { page });
+            }
+        }
+        fresh
+    }
+
+    /// `node`'s first touch of `page` maps the run after it that `node` holds the same
+    /// way and nobody has touched (the engine's `FIRST_TOUCH_RUN`): those are no longer
+    /// fresh.
+    fn populate_run(&mut self, node: NodeId, page: u64) {
+        let held = self.state(node, page);
+        for p in page + 1..page + FIRST_TOUCH_RUN {
+            if p >= self.homes.end || self.touched.contains(&p) || self.state(node, p) != held {
+                break;
+            }
+            self.first_touch(p);
+        }
+    }
+
+    /// Whether `page` is fresh memory its home could hand over with no data: never
+    /// touched, never moved, not part of the image.
+    fn fresh(&self, page: u64) -> bool {
+        !self.touched.contains(&page) && !self.moved(page) && !self.homes.replicated(page)
+    }
+
+    /// `node` claims `page` (fresh, homed elsewhere) and the fresh pages after it with the
+    /// same home, up to [`CLAIM_EXTENT`], as the engine does at a remote first touch: one
+    /// round trip, no data. Returns the pages taken.
+    fn claim(&mut self, node: NodeId, page: u64) -> Result<u64, SimError> {
+        let home = self.home(page);
+        let err =
+            |e: flotilla_transport::directory::ProtocolError| SimError::Protocol(e.to_string());
+        let mut taken = 0;
+        for p in page..page + u64::from(CLAIM_EXTENT) {
+            if p >= self.homes.end || self.home(p) != home || (p != page && !self.fresh(p)) {
+                break;
+            }
+            if let Some(j) = &mut self.journal {
+                j.push(Undo::Directory {
+                    home,
+                    page: p,
+                    owner: home,
+                    copyset: 1u64 << home,
+                });
+            }
+            if !self.dirs[home as usize].claim(p, node).map_err(err)? {
+                break;
+            }
+            self.dirs[home as usize].done(p, node).map_err(err)?;
+            self.set_held(node, p, Some(Held::Owned));
+            taken += 1;
+        }
+        Ok(taken)
     }
 
     /// Materialises a page's implicit state (owned by its home, replicated if an image
@@ -798,6 +869,8 @@ impl Sim {
         let page = s.touch.page;
         let access = s.touch.access;
         let mut t = s.t;
+        let fresh = self.pages.fresh(page);
+        self.pages.first_touch(page);
         if let Some((f, decision)) = fault {
             let holder = f.holder;
             self.out.remote_faults += 1;
@@ -809,6 +882,18 @@ impl Sim {
             });
             let costs = self.costs;
             let cost = match decision {
+                Decision::MovePage if fresh && self.pages.home(page) != node => {
+                    // A first touch of fresh memory homed elsewhere: a claim.
+                    let taken = self.pages.claim(node, page)?;
+                    if taken == 0 {
+                        return Err(SimError::Protocol(format!(
+                            "the home refused a claim of fresh page {page:#x}"
+                        )));
+                    }
+                    self.out.pages_claimed += taken;
+                    self.out.bytes_sent += 2 * SMALL_FRAME;
+                    costs.upgrade_ns
+                }
                 Decision::MovePage => {
                     let m = self.pages.bring(node, page, access)?;
                     self.out.invalidations += m.invalidations;
@@ -852,6 +937,9 @@ impl Sim {
             };
             self.stall_ns += cost;
             t += cost;
+        }
+        if fresh {
+            self.pages.populate_run(self.vcpus[v].node, page);
         }
         self.vcpus[v].clock_ns = t;
         self.release(v);

@@ -39,6 +39,21 @@ fn trace(vcpus: u32, touches: &[(u16, u64, bool)]) -> Trace {
     }
 }
 
+/// `touches`, after vCPU 0 (on node 0) has written every page of node 0's half that they
+/// touch, so those hold data: no longer fresh memory, which a claim would take.
+fn warmed(touches: &[(u16, u64, bool)]) -> Vec<(u16, u64, bool)> {
+    let mut pages: Vec<u64> = touches
+        .iter()
+        .map(|t| t.1)
+        .filter(|&p| p < 8448)
+        .collect();
+    pages.sort_unstable();
+    pages.dedup();
+    let mut out: Vec<_> = pages.into_iter().map(|p| (0u16, p, true)).collect();
+    out.extend_from_slice(touches);
+    out
+}
+
 const COSTS: Costs = Costs {
     fetch_ns: 100_000,
     upgrade_ns: 60_000,
@@ -58,9 +73,9 @@ fn run(t: &Trace, policy: &str) -> Outcome {
 
 #[test]
 fn pages_come_to_the_vcpu_or_the_vcpu_goes_to_them() {
-    // vCPU 1 (node 1) reads 100 pages of node 0's half of RAM.
+    // vCPU 1 (node 1) reads 100 pages of node 0's half of RAM that vCPU 0 wrote.
     let touches: Vec<_> = (0..100).map(|i| (1u16, 1000 + i, false)).collect();
-    let t = trace(2, &touches);
+    let t = trace(2, &warmed(&touches));
     let page = run(&t, "always-page");
     assert_eq!(page.remote_faults, 100);
     assert_eq!(page.page_moves, 100);
@@ -173,7 +188,7 @@ fn more_nodes_than_recorded_and_bad_shapes() {
 
 #[test]
 fn costs_come_from_the_trace() {
-    let mut t = trace(2, &[(1, 1000, false)]);
+    let mut t = trace(2, &warmed(&[(1, 1000, false)]));
     let run = t.meta.run.as_mut().unwrap();
     run.costs.rtt_4k_ns = 50_000;
     run.costs.fault_service_ns = 90_000;
@@ -283,12 +298,11 @@ fn upgrades(t: &Trace, policy: &str) -> u64 {
 
 #[test]
 fn the_oracle_moves_a_vcpu_to_its_data_and_brings_a_stray_page() {
-    // vCPU 1 (node 1) reads 100 pages of node 0, where no vCPU runs: it should go there.
+    // vCPU 1 (node 1) reads 100 pages of node 0, where no vCPU runs (once vCPU 0 has
+    // written them): it should go there.
     let t = trace(
         2,
-        &(0..100)
-            .map(|i| (1u16, 1000 + i, false))
-            .collect::<Vec<_>>(),
+        &warmed(&(0..100).map(|i| (1u16, 1000 + i, false)).collect::<Vec<_>>()),
     );
     let (o, labels) =
         replay_labelled(&t, &shape(), &COSTS, Decider::Oracle, DEFAULT_HORIZON, true).unwrap();
@@ -303,7 +317,7 @@ fn the_oracle_moves_a_vcpu_to_its_data_and_brings_a_stray_page() {
     let mut touches = vec![(1u16, 1000, false)];
     touches.extend((0..50).map(|i| (1u16, 9000 + i, false)));
     let (o, labels) = replay_labelled(
-        &trace(2, &touches),
+        &trace(2, &warmed(&touches)),
         &shape(),
         &COSTS,
         Decider::Oracle,
@@ -339,8 +353,25 @@ fn the_image_starts_everywhere_and_a_stack_follows_its_vcpu() {
     assert_eq!((o.remote_faults, o.invalidations), (1, 1), "{o:?}");
     // Sent to node 0's data, the vCPU brings its stack page along when it touches it,
     // whatever the policy says.
-    let t = with_layout(&[(1, 1000, false), (1, 525, true), (1, 1001, false)]);
+    let t = with_layout(&[(1, 525, true), (1, 1000, false), (1, 525, true), (1, 1001, false)]);
     let o = run(&t, "always-vcpu");
     assert_eq!(o.vcpu_moves, 1, "{o:?}");
     assert_eq!((o.remote_faults, o.page_moves), (2, 1), "{o:?}");
+}
+
+#[test]
+fn a_first_touch_of_fresh_remote_memory_claims_a_run_with_no_data() {
+    // vCPU 1 (node 1) writes 40 fresh pages of node 0's half, one after another: one
+    // claim per run of 16 (the engine's CLAIM_EXTENT), no data, one round trip each; the
+    // third claim takes 8 pages more than the guest touches.
+    let touches: Vec<_> = (0..40).map(|i| (1u16, 1000 + i, true)).collect();
+    let o = run(&trace(2, &touches), "always-page");
+    assert_eq!((o.remote_faults, o.pages_claimed, o.page_moves), (3, 48, 0), "{o:?}");
+    assert!((o.stall_ms - 3.0 * 0.06).abs() < 1e-9, "{o:?}");
+    // A page its home touched is not fresh, nor are the 15 after it, which that first
+    // touch mapped (FIRST_TOUCH_RUN): the claim stops before it, and they are fetched.
+    let mut touches = vec![(0u16, 1005, true)];
+    touches.extend((0..10).map(|i| (1u16, 1000 + i, true)));
+    let o = run(&trace(2, &touches), "always-page");
+    assert_eq!((o.pages_claimed, o.page_moves), (5, 5), "{o:?}");
 }

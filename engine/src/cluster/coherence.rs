@@ -12,11 +12,9 @@ use crate::memory::{GuestRead, MemoryError};
 use crate::Error;
 use flotilla_telemetry::metrics::Direction;
 use flotilla_telemetry::trace::{EventKind, NONE16};
-use flotilla_transport::{wire::CLAIM_MAX_PAGES, Access, Message, NodeId};
+use flotilla_transport::directory::CLAIM_EXTENT;
+use flotilla_transport::{Access, Message, NodeId};
 
-/// Most pages one claim asks for (the wire allows `CLAIM_MAX_PAGES`).
-const CLAIM_EXTENT: u8 = 16;
-const _: () = assert!(CLAIM_EXTENT <= CLAIM_MAX_PAGES);
 /// Faults that ask for one page after a claim that got nothing.
 const CLAIM_BACKOFF: u32 = 64;
 use std::collections::HashMap;

@@ -228,7 +228,7 @@ pub(super) fn serve(
                     flush_stale(vcpu, state.regs.rip)?;
                 }
                 drop(guard);
-                ship(node, id, page, remote.holder, fault_ns, state);
+                ship(node, id, page, remote.holder, fault_ns, &ctx.history, state);
                 return Ok(Served::Moved);
             }
         }
@@ -457,8 +457,17 @@ fn note_sample(node: &Node, id: u32, page: u64, want: Access, rip: u64, armed_ns
     }
 }
 
-/// Sends a captured vCPU to `holder`, the node the policy chose it to go to.
-fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: VcpuState) {
+/// Sends a captured vCPU to `holder`, the node the policy chose it to go to, with its
+/// fault history (its policy's view of it goes along).
+fn ship(
+    node: &Node,
+    id: u32,
+    page: u64,
+    holder: NodeId,
+    fault_ns: u64,
+    history: &History,
+    state: VcpuState,
+) {
     node.loads[holder as usize].fetch_add(1, Ordering::Relaxed);
     node.send(
         holder,
@@ -469,6 +478,7 @@ fn ship(node: &Node, id: u32, page: u64, holder: NodeId, fault_ns: u64, state: V
             clock_ns: node.clock_ns(),
             // This vCPU still counts here until its thread sees it moved.
             sender_vcpus: node.resident.load(Ordering::Relaxed).saturating_sub(1),
+            history: history.encode(),
             state: state.encode(),
         },
     );

@@ -352,8 +352,11 @@ impl Node {
                 fault_ns,
                 clock_ns,
                 sender_vcpus,
+                history,
                 state,
             } => {
+                let history = flotilla_placement::History::decode(&history)
+                    .map_err(|e| protocol(format!("vCPU {vcpu}'s history: {e}")))?;
                 let slot = self
                     .slots
                     .get(vcpu as usize)
@@ -371,6 +374,7 @@ impl Node {
                         page,
                         fault_ns,
                         clock_ns,
+                        history,
                         state,
                     })
                 });

@@ -24,7 +24,7 @@ const STRIPES: usize = 1024;
 const STATE_MASK: u8 = 3;
 const POPULATED: u8 = 4;
 /// Most pages mapped by one first touch (see [`PageTable::populate`]).
-const FIRST_TOUCH_RUN: u64 = 16;
+use flotilla_transport::directory::FIRST_TOUCH_RUN;
 /// This node's copy of one page.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PageState {

@@ -97,6 +97,8 @@ fn vcpu_loop(node: &Node, vcpu: &mut Vcpu, mut here: bool) -> Result<(), Error> 
             let Some(arrival) = slot.wait_arrival(&node.stop) else {
                 return Ok(());
             };
+            // The policy sees the vCPU as it was on the sender, not as it last was here.
+            ctx.history = arrival.history.clone();
             ctx.arrived_rip = Some(arrive(node, vcpu, arrival)?);
             here = true;
             node.resident.fetch_add(1, Ordering::Relaxed);

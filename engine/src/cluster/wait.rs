@@ -14,6 +14,8 @@ pub(super) struct Arrival {
     pub page: u64,
     pub fault_ns: u64,
     pub clock_ns: u64,
+    /// The vCPU's fault history as its policy saw it on the sender.
+    pub history: flotilla_placement::History,
     pub state: Vec<u8>,
 }
 
