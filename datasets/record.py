@@ -25,15 +25,15 @@ OUT = os.path.join(ROOT, "datasets", "traces")
 BIN = os.path.join(ROOT, "target", "release", "flotilla")
 
 WORKLOADS = {
-    # `flotilla bench sim-fidelity`'s sizes (FIDELITY_ARGS in cli/src/bench.rs), smaller
-    # where a reference stream would not fit the 50 MiB budget.
-    "stream": "n=1m reps=100",
-    "matmul": "n=600",
-    "bfs": "vertices=30000 degree=8",
-    "kvstore": "ops=150k keys=20000",
-    "sort": "n=2m",
-    "queue": "items=200000 capacity=64",
-    "chase": "nodes=250000 steps=250000",
+    # The shapes of `flotilla bench sim-fidelity` (FIDELITY_ARGS in cli/src/bench.rs) at
+    # sizes whose reference streams fit the 50 MiB budget together.
+    "stream": "n=200000 reps=20",
+    "matmul": "n=300",
+    "bfs": "vertices=20000 degree=8",
+    "kvstore": "ops=100k keys=20000",
+    "sort": "n=500000",
+    "queue": "items=100000 capacity=64",
+    "chase": "nodes=100000 steps=100000",
 }
 NODES = [2, 4]
 POLICY = "always-page"
@@ -87,7 +87,9 @@ def main():
             continue
         base = [BIN, "run", "--workload", w, "--args", args, "--vcpus", str(VCPUS),
                 "--seed", str(SEED), "--timeout", "600", "--json"]
-        ones = sorted(run(base + ["--nodes", "1"], f"{w} on 1 node")["wall_ms"]
+        # One node pinned to one CPU: what `flotilla_sim::calibrate_compute` matches.
+        ones = sorted(run(base + ["--nodes", "1", "--cpus-per-node", "1"],
+                          f"{w} on 1 node")["wall_ms"]
                       for _ in range(ONE_NODE_RUNS))
         for nodes in NODES:
             name = f"{w}-{nodes}n-{POLICY}.ftrace.gz"
@@ -116,56 +118,65 @@ def main():
 
 
 def write_manifest(rows):
-    total = sum(r[6] for r in rows)
+    total = sum(r[7] for r in rows)
     host = f"{platform.node()} (Linux {platform.release()}, {os.cpu_count()} CPUs)"
     engine = subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip()
     lines = [
-        "# Datasets: recorded fault traces",
+        "# Datasets: recorded reference streams",
         "",
-        "Fault traces of every built-in workload on 2 and 4 nodes under each placement policy,",
-        "for replay and for training placement policies. Format: `docs/trace-format.md`",
-        "(gzip-compressed; `flotilla trace stats|export` and `telemetry/python/flotilla_trace.py`",
-        "read them as they are).",
+        "A reference-stream trace (format version 2, `docs/trace-format.md`) of every built-in",
+        "workload on 2 and 4 nodes, for `flotilla replay`, `flotilla ab` and training placement",
+        "policies (`flotilla replay --policy oracle --labels FILE`). gzip-compressed;",
+        "`flotilla trace stats|export` and `telemetry/python/flotilla_trace.py` read them as they",
+        "are. The 56 sampled traces of the first recording (format version 1) are in git",
+        "history (commit 2834c23).",
         "",
         "## Re-recording",
         "",
-        "One command re-records all of them and rewrites this file:",
+        "One command re-records all of them, `traces/calibration.json`, and this file:",
         "",
         "```sh",
         "python3 datasets/record.py",
         "```",
         "",
-        "It builds the release binary, then runs, for each trace:",
+        "It builds the release binary, then for each workload measures the plain run time on",
+        f"one node pinned to one CPU ({ONE_NODE_RUNS} runs, the median), and for each trace runs",
         "",
         "```sh",
-        "flotilla run --workload W --args ARGS --vcpus 4 --nodes N --policy P --seed 1 \\",
-        f"    --transport tcp --trace datasets/traces/W-Nn-P.ftrace.gz --sample-rate {SAMPLE_RATE} \\",
-        "    --timeout 120 --json",
+        f"flotilla run --workload W --args ARGS --vcpus {VCPUS} --nodes N --policy {POLICY} --seed {SEED} \\",
+        "    --transport tcp [--cpus-per-node 1] --trace datasets/traces/W-Nn-always-page.ftrace.gz \\",
+        f"    --touch-epoch-ms {EPOCH_MS} --timeout 600 --json",
         "```",
         "",
-        "and checks that the run verified against the host reference. vCPUs start round-robin",
-        "over the nodes; guest RAM is split in contiguous ranges. `always-vcpu` runs get",
-        "smaller inputs of the same shape (it moves a vCPU at every remote fault, about",
-        "120 us each). Runs on a shared multi-core host are not deterministic: timing decides",
-        "which node faults first, so a re-recording matches in shape, not event for event.",
+        "then the same run without recording, whose cost medians (fault service, vCPU move,",
+        "round trip, install, capture, restore) go to `calibration.json` with the 1-node time:",
+        "a recording runs many times slower than the guest does, and so does its engine.",
+        "`flotilla ab` reads `calibration.json`; for `flotilla replay`, pass the 1-node time",
+        "as `--one-node-ms`. Every run is checked against the host reference. vCPUs start",
+        "round-robin over the nodes; guest RAM is split in contiguous ranges. 2-node runs are",
+        "pinned (a CPU per node); this host has 2 CPUs, so the 4 nodes share them.",
         "",
         f"Recorded on {host}, {engine}"
         f" on {time.strftime('%Y-%m-%d')}. Total size: {total/2**20:.1f} MiB.",
         "",
         "## What each trace holds",
         "",
-        "Every remote fault (with the decision taken and its service time), every page and",
-        "vCPU move, every invalidation, and sampled local accesses at "
-        f"{SAMPLE_RATE} pages/s per node",
-        "(see `docs/telemetry.md`, \"Sampled access tracking\", for what sampling catches).",
+        f"Each page's first touch by each node's vCPUs in each {EPOCH_MS} ms epoch (as",
+        "`access_sample` events), every remote fault with the decision taken and its service",
+        "time, every page and vCPU move and invalidation; the run metadata of format",
+        "version 2 (RAM layout, starting nodes, CPU sets, link delay, measured costs).",
+        "`docs/telemetry.md` says what a reference stream still misses.",
         "",
-        "| file | workload | args | nodes | policy | events | remote faults | vCPU moves | wall ms | KiB |",
+        "| file | workload | args | nodes | pinned | events | recorded ms | plain ms | 1-node ms | KiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, w, args, nodes, policy, v, size in rows:
+    with open(os.path.join(OUT, "calibration.json")) as f:
+        cal = json.load(f)
+    for name, w, args, nodes, pinned, v, plain, size in rows:
         lines.append(
-            f"| `{name}` | {w} | `{args}` | {nodes} | {policy} | {v['trace_events']} | "
-            f"{v['remote_faults']} | {v['vcpu_moves']} | {v['wall_ms']:.1f} | {size/1024:.0f} |"
+            f"| `{name}` | {w} | `{args}` | {nodes} | {'yes' if pinned else 'no'} | "
+            f"{v['trace_events']} | {v['wall_ms']:.1f} | {plain['wall_ms']:.1f} | "
+            f"{cal[name]['one_node_ms']:.1f} | {size/1024:.0f} |"
         )
     with open(os.path.join(ROOT, "datasets", "README.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
