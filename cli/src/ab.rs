@@ -258,16 +258,15 @@ fn replayed(a: &AbArgs, names: &[String]) -> Result<Vec<Row>> {
     let calibration = read_calibration(&a.traces)?;
     let mut rows = Vec::new();
     for (path, t) in traces {
-        let shape = flotilla_sim::Shape {
-            nodes: t.meta.nodes,
-            cpus: t
-                .meta
+        let shape = flotilla_sim::Shape::new(
+            t.meta.nodes,
+            t.meta
                 .run
                 .as_ref()
                 .and_then(|r| r.cpu_sets.first().map(|s| s.len() as u32))
                 .filter(|&c| c > 0)
                 .unwrap_or(1),
-        };
+        );
         let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
         let costs = calibrated(&t, calibration.get(file))
             .map_err(|e| anyhow!("calibrating on {}: {e}", path.display()))?;

@@ -927,10 +927,7 @@ fn replay_bench(a: ReplayBenchArgs) -> Result<i32> {
             .map_err(|e| anyhow!("trace {}: {e}", p.display()))?,
         None => synthetic_trace(a.events),
     };
-    let shape = flotilla_sim::Shape {
-        nodes: trace.meta.nodes,
-        cpus: 1,
-    };
+    let shape = flotilla_sim::Shape::new(trace.meta.nodes, 1);
     let costs = flotilla_sim::Costs::from_trace(&trace);
     let mut rates = Vec::new();
     let mut touches = 0;
@@ -1048,7 +1045,7 @@ fn sim_fidelity_in(a: &FidelityArgs, names: &[String], dir: &std::path::Path) ->
         )?;
         let trace = flotilla_telemetry::trace::read_file(&file)
             .map_err(|e| anyhow!("trace {}: {e}", file.display()))?;
-        let shape = flotilla_sim::Shape { nodes: 2, cpus: 1 };
+        let shape = flotilla_sim::Shape::new(2, 1);
         let one = w.run(1, "heuristic", std::time::Duration::from_secs(300))?;
         // The recording ran slow, and so did its engine: costs come from a plain run
         // under the recording policy, and compute is scaled to the measured 1-node run.

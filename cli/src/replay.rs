@@ -23,6 +23,14 @@ pub struct ReplayArgs {
     /// CPUs per node (default: the trace's CPU sets, or 1).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub cpus_per_node: Option<u32>,
+    /// Initial spread of guest RAM in the simulated cluster: contiguous or interleave
+    /// (default: the recorded run's).
+    #[arg(long, value_name = "LAYOUT")]
+    pub ram: Option<String>,
+    /// Start the vCPUs round-robin over the simulated cluster's nodes, not where the
+    /// recorded run started them.
+    #[arg(long)]
+    pub spread: bool,
     /// One-way link latency to simulate, in µs, in place of the recorded run's link
     /// (its emulated delay, 0 for plain loopback): every round trip changes by twice the
     /// difference.
@@ -68,12 +76,21 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         .transpose()?;
     let run = meta.run.as_ref();
     let shape = Shape {
-        nodes: a.nodes.unwrap_or(meta.nodes),
-        cpus: a.cpus_per_node.unwrap_or_else(|| {
-            run.and_then(|r| r.cpu_sets.first().map(|s| s.len() as u32))
-                .filter(|&c| c > 0)
-                .unwrap_or(1)
-        }),
+        ram: match a.ram.as_deref() {
+            None => None,
+            Some("contiguous") => Some(flotilla_sim::Ram::Contiguous),
+            Some("interleave") => Some(flotilla_sim::Ram::Interleave),
+            Some(other) => bail!("--ram {other}: contiguous or interleave"),
+        },
+        spread: a.spread,
+        ..Shape::new(
+            a.nodes.unwrap_or(meta.nodes),
+            a.cpus_per_node.unwrap_or_else(|| {
+                run.and_then(|r| r.cpu_sets.first().map(|s| s.len() as u32))
+                    .filter(|&c| c > 0)
+                    .unwrap_or(1)
+            }),
+        )
     };
     let recorded_delay_ns = run.map_or(0, |r| r.link_delay_ns) as i64;
     let mut costs = match &a.calibration {
@@ -84,9 +101,9 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
             let all: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| anyhow!("--calibration {}: {e}", file.display()))?;
             let name = a.trace.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            let entry = all.get(name).ok_or_else(|| {
-                anyhow!("--calibration {}: no entry for {name}", file.display())
-            })?;
+            let entry = all
+                .get(name)
+                .ok_or_else(|| anyhow!("--calibration {}: no entry for {name}", file.display()))?;
             crate::ab::calibrated(&trace, Some(entry))
                 .map_err(|e| anyhow!("--calibration {}: {name}: {e}", file.display()))?
         }

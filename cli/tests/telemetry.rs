@@ -672,19 +672,22 @@ fn a_failed_run_keeps_its_trace_marked_as_failed() {
 }
 
 #[test]
-fn the_python_reader_reads_the_version_1_datasets() {
+fn both_readers_read_the_datasets_and_a_version_1_trace() {
     let dir = common::repo().join("datasets/traces");
-    let file = std::fs::read_dir(&dir)
+    let current = std::fs::read_dir(&dir)
         .expect("datasets/traces")
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.to_string_lossy().ends_with(".ftrace.gz"))
         .expect("a dataset trace");
-    let out = flotilla(&["trace", "stats", file.to_str().unwrap(), "--json"]);
-    assert!(out.status.success(), "{}", stderr(&out));
-    let s = json(&out);
-    if let Some(m) = python_meta(&file) {
-        assert_eq!(m["events"], s["events"], "{m}");
-        assert_eq!(m["nodes"], s["nodes"], "{m}");
+    let v1 = common::repo().join("telemetry/tests/data/v1-matmul-2n-random.ftrace.gz");
+    for file in [current, v1] {
+        let out = flotilla(&["trace", "stats", file.to_str().unwrap(), "--json"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let s = json(&out);
+        if let Some(m) = python_meta(&file) {
+            assert_eq!(m["events"], s["events"], "{m}");
+            assert_eq!(m["nodes"], s["nodes"], "{m}");
+        }
     }
 }
 
@@ -895,11 +898,14 @@ fn a_policy_decides_a_lone_vcpus_faults_the_same_live_and_in_replay() {
         .filter(|e| e.kind() == Some(EventKind::RemoteFault) && e.flags & flags::FORCED == 0)
         .map(|e| (e.page, e.decision_name()))
         .collect();
-    assert!(live.len() >= 6, "too few decided faults to compare: {live:?}");
+    assert!(
+        live.len() >= 6,
+        "too few decided faults to compare: {live:?}"
+    );
     let mut make = |n| flotilla_placement::by_name("heuristic", 1, n).unwrap();
     let (_, labels) = flotilla_sim::replay_labelled(
         &trace,
-        &flotilla_sim::Shape { nodes: 2, cpus: 1 },
+        &flotilla_sim::Shape::new(2, 1),
         &flotilla_sim::Costs::from_trace(&trace),
         flotilla_sim::Decider::Policy(&mut make),
         1,

@@ -90,7 +90,10 @@ impl History {
     /// Reads [`encode`](Self::encode)'s bytes back; says what is wrong with bad ones.
     pub fn decode(bytes: &[u8]) -> Result<History, String> {
         let [a, b, c, d, n, rest @ ..] = bytes else {
-            return Err(format!("a history of {} bytes, shorter than 5", bytes.len()));
+            return Err(format!(
+                "a history of {} bytes, shorter than 5",
+                bytes.len()
+            ));
         };
         let n = *n as usize;
         if n > Self::CAPACITY || rest.len() != n * Self::RECORD_BYTES {
@@ -104,8 +107,7 @@ impl History {
         let mut records = std::collections::VecDeque::with_capacity(n);
         for r in rest.chunks_exact(Self::RECORD_BYTES) {
             let page = u64::from_le_bytes(r[0..8].try_into().expect("8 bytes"));
-            let access =
-                Access::from_code(r[8]).ok_or_else(|| format!("access code {}", r[8]))?;
+            let access = Access::from_code(r[8]).ok_or_else(|| format!("access code {}", r[8]))?;
             let holder = u16::from_le_bytes([r[9], r[10]]);
             let decision =
                 Decision::from_code(r[11]).ok_or_else(|| format!("decision code {}", r[11]))?;
@@ -366,14 +368,23 @@ mod tests {
         let bytes = h.encode();
         assert_eq!(bytes.len(), History::MAX_ENCODED);
         let back = History::decode(&bytes).unwrap();
-        assert_eq!(back.records().collect::<Vec<_>>(), h.records().collect::<Vec<_>>());
+        assert_eq!(
+            back.records().collect::<Vec<_>>(),
+            h.records().collect::<Vec<_>>()
+        );
         assert_eq!(back.faults_since_move, h.faults_since_move);
-        assert!(History::decode(&bytes[..3]).unwrap_err().contains("shorter than 5"));
-        assert!(History::decode(&bytes[..20]).unwrap_err().contains("16 records"));
+        assert!(History::decode(&bytes[..3])
+            .unwrap_err()
+            .contains("shorter than 5"));
+        assert!(History::decode(&bytes[..20])
+            .unwrap_err()
+            .contains("16 records"));
         let mut bad = bytes.clone();
         bad[5 + 8] = 9;
         assert!(History::decode(&bad).unwrap_err().contains("access code 9"));
-        assert!(History::decode(&History::default().encode()).unwrap().is_empty());
+        assert!(History::decode(&History::default().encode())
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

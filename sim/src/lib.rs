@@ -34,7 +34,31 @@ use flotilla_telemetry::trace::{EventKind, Trace, NONE16};
 use flotilla_transport::directory::{PageDirectory, CLAIM_EXTENT, FIRST_TOUCH_RUN};
 use flotilla_transport::{Access, Message, NodeId};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+
+/// A hasher for page numbers: one multiply (Fibonacci hashing). The replay does a few
+/// map operations per touch; SipHash's DoS resistance buys nothing here and cost half
+/// the replay's time.
+#[derive(Default, Clone, Copy)]
+struct PageHasher(u64);
+
+impl Hasher for PageHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type PageMap<V> = HashMap<u64, V, BuildHasherDefault<PageHasher>>;
+type PageSet = HashSet<u64, BuildHasherDefault<PageHasher>>;
 
 pub use flotilla_coherence::Decision;
 pub use oracle::{replay_labelled, replay_labelled_with, Decider, Label, DEFAULT_HORIZON};
@@ -119,12 +143,37 @@ impl Costs {
     }
 }
 
-/// The simulated cluster.
+/// The simulated cluster, and where the guest starts on it.
 #[derive(Debug, Clone)]
 pub struct Shape {
     pub nodes: u16,
     /// CPUs each node runs vCPUs on.
     pub cpus: u32,
+    /// The initial spread of guest RAM; `None`: the recorded run's.
+    pub ram: Option<Ram>,
+    /// vCPUs start round-robin over the nodes, not where the recorded run started them.
+    pub spread: bool,
+}
+
+/// How guest RAM starts out over the nodes (the engine's `--ram`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ram {
+    /// Equal contiguous ranges.
+    Contiguous,
+    /// By page, round-robin.
+    Interleave,
+}
+
+impl Shape {
+    /// `nodes` nodes of `cpus` CPUs, the guest started as recorded.
+    pub fn new(nodes: u16, cpus: u32) -> Shape {
+        Shape {
+            nodes,
+            cpus,
+            ram: None,
+            spread: false,
+        }
+    }
 }
 
 /// Why a replay could not run.
@@ -173,18 +222,18 @@ struct Touch {
     compute_ns: u64,
     /// The touch this one must follow: the latest conflicting access to the same page
     /// by another vCPU in the recording (a write before this read; any access before
-    /// this write), as (vCPU, index in its stream); `NONE16` for none.
+    /// this write), as (vCPU, index in its stream); `NONE16` for none (see [`streams`]).
     after_vcpu: u16,
     after_index: u32,
 }
 
-/// Orders every touch after the latest conflicting touch of the same page by another
-/// vCPU, as recorded (see [`Touch::after_vcpu`]). This keeps what the guest's own
-/// synchronisation kept: a reader sees the write it saw, a barrier's counter is passed
-/// around in the recorded order, and a write-shared page bounces between its writers as
-/// often as their accesses alternated. Without it a vCPU whose compute is short races
-/// through its stream and a shared page stops bouncing.
-fn order(streams: &mut [Vec<Touch>], times: &[Vec<u64>]) {
+/// The touch streams of a trace, by vCPU, each touch ordered after the latest
+/// conflicting touch of the same page by another vCPU as recorded. This keeps what the
+/// guest's own synchronisation kept: a reader sees the write it saw, a barrier's counter
+/// is passed around in the recorded order, and a write-shared page bounces between its
+/// writers as often as their accesses alternated. Without it a vCPU whose compute is
+/// short races through its stream and a shared page stops bouncing.
+fn streams(t: &Trace, costs: &Costs) -> Vec<Vec<Touch>> {
     /// The latest access, and the latest by a vCPU other than the latest's.
     type Recent = [(u16, u32); 2];
     fn note(r: &mut Recent, v: u16, i: u32) {
@@ -200,43 +249,9 @@ fn order(streams: &mut [Vec<Touch>], times: &[Vec<u64>]) {
             r[1]
         }
     }
-    let mut all: Vec<(u64, u16, u32)> = times
-        .iter()
-        .enumerate()
-        .flat_map(|(v, ts)| {
-            ts.iter()
-                .enumerate()
-                .map(move |(i, &t)| (t, v as u16, i as u32))
-        })
-        .collect();
-    all.sort_unstable();
-    let none = [(NONE16, 0); 2];
-    // Per page: recent accesses, recent writes.
-    let mut seen: HashMap<u64, (Recent, Recent)> = HashMap::new();
-    for (_, v, i) in all {
-        let touch = &mut streams[v as usize][i as usize];
-        let (accesses, writes) = seen.entry(touch.page).or_insert((none, none));
-        let write = touch.access == Access::Write;
-        let (av, ai) = if write {
-            other(accesses, v)
-        } else {
-            other(writes, v)
-        };
-        touch.after_vcpu = av;
-        touch.after_index = ai;
-        note(accesses, v, i);
-        if write {
-            note(writes, v, i);
-        }
-    }
-}
-
-/// The touch streams of a trace, by vCPU.
-fn streams(t: &Trace, costs: &Costs) -> Vec<Vec<Touch>> {
     let vcpus = t.meta.vcpus as usize;
     let mut last: Vec<Option<(u64, u64)>> = vec![None; vcpus];
     let mut out: Vec<Vec<Touch>> = vec![Vec::new(); vcpus];
-    let mut times: Vec<Vec<u64>> = vec![Vec::new(); vcpus];
     let mut events: Vec<_> = t
         .events
         .iter()
@@ -250,7 +265,13 @@ fn streams(t: &Trace, costs: &Costs) -> Vec<Vec<Touch>> {
                 )
         })
         .collect();
-    events.sort_by_key(|e| (e.vcpu, e.t_ns));
+    // Recorded traces are in time order already (`merge_parts`); others are sorted.
+    if !events.is_sorted_by_key(|e| e.t_ns) {
+        events.sort_by_key(|e| (e.t_ns, e.vcpu));
+    }
+    let none = [(NONE16, 0); 2];
+    // Per page: recent accesses, recent writes.
+    let mut seen: PageMap<(Recent, Recent)> = PageMap::default();
     for e in events {
         let v = e.vcpu as usize;
         // What the recording run stalled at this touch.
@@ -263,16 +284,28 @@ fn streams(t: &Trace, costs: &Costs) -> Vec<Vec<Touch>> {
             None => 0,
         };
         last[v] = Some((e.t_ns, stall));
-        times[v].push(e.t_ns);
+        let access = e.access().unwrap_or(Access::Read);
+        let write = access == Access::Write;
+        let i = out[v].len() as u32;
+        let (accesses, writes) = seen.entry(e.page).or_insert((none, none));
+        // A write follows the last access by another vCPU; a read, the last write.
+        let (after_vcpu, after_index) = if write {
+            other(accesses, e.vcpu)
+        } else {
+            other(writes, e.vcpu)
+        };
+        note(accesses, e.vcpu, i);
+        if write {
+            note(writes, e.vcpu, i);
+        }
         out[v].push(Touch {
             page: e.page,
-            access: e.access().unwrap_or(Access::Read),
+            access,
             compute_ns,
-            after_vcpu: NONE16,
-            after_index: 0,
+            after_vcpu,
+            after_index,
         });
     }
-    order(&mut out, &times);
     out
 }
 
@@ -346,12 +379,12 @@ impl Homes {
 struct Pages {
     nodes: u16,
     homes: Homes,
-    held: Vec<HashMap<u64, Held>>,
+    held: Vec<PageMap<Held>>,
     dirs: Vec<PageDirectory>,
-    heat: Vec<HashMap<u64, u32>>,
+    heat: Vec<PageMap<u32>>,
     /// Pages some vCPU has touched: the others are fresh memory, which a claim can take
     /// with no data sent.
-    touched: std::collections::HashSet<u64>,
+    touched: PageSet,
     /// While a look-ahead runs: every change, so it can be undone.
     journal: Option<Vec<Undo>>,
 }
@@ -385,9 +418,9 @@ impl Pages {
         Pages {
             nodes,
             homes,
-            held: vec![HashMap::new(); nodes as usize],
+            held: vec![PageMap::default(); nodes as usize],
             dirs,
-            heat: vec![HashMap::new(); nodes as usize],
+            heat: vec![PageMap::default(); nodes as usize],
             touched: Default::default(),
             journal: None,
         }
@@ -652,7 +685,6 @@ impl Pages {
     }
 }
 
-
 /// A vCPU in the simulation: where it is, and its clock.
 #[derive(Clone)]
 struct SimVcpu {
@@ -741,11 +773,14 @@ impl Sim {
             return Err(SimError::Empty);
         }
         let run = trace.meta.run.as_ref();
-        let interleave = run.is_some_and(|r| r.ram == "interleave");
+        let interleave = match shape.ram {
+            Some(r) => r == Ram::Interleave,
+            None => run.is_some_and(|r| r.ram == "interleave"),
+        };
         // Each vCPU's first node: the recorded one if the shape has it, else round-robin.
         let first = |v: usize| -> NodeId {
             match run.and_then(|r| r.vcpu_nodes.get(v)) {
-                Some(&n) if n < shape.nodes => n,
+                Some(&n) if n < shape.nodes && !shape.spread => n,
                 _ => (v % shape.nodes as usize) as NodeId,
             }
         };
@@ -1109,7 +1144,7 @@ pub fn calibrate_compute(
     costs: &Costs,
     one_node_ms: f64,
 ) -> Result<f64, SimError> {
-    let shape = Shape { nodes: 1, cpus };
+    let shape = Shape::new(1, cpus);
     let unit = Costs {
         compute_scale: 1.0,
         ..*costs

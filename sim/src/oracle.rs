@@ -57,7 +57,15 @@ pub fn replay_labelled(
     horizon: usize,
     labels: bool,
 ) -> Result<(Outcome, Vec<Label>), SimError> {
-    replay_labelled_with(trace, shape, costs, decider, horizon, labels, &mut |_, _| {})
+    replay_labelled_with(
+        trace,
+        shape,
+        costs,
+        decider,
+        horizon,
+        labels,
+        &mut |_, _| {},
+    )
 }
 
 /// [`replay_labelled`] with a progress callback, as [`crate::replay_with`].

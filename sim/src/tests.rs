@@ -42,11 +42,7 @@ fn trace(vcpus: u32, touches: &[(u16, u64, bool)]) -> Trace {
 /// `touches`, after vCPU 0 (on node 0) has written every page of node 0's half that they
 /// touch, so those hold data: no longer fresh memory, which a claim would take.
 fn warmed(touches: &[(u16, u64, bool)]) -> Vec<(u16, u64, bool)> {
-    let mut pages: Vec<u64> = touches
-        .iter()
-        .map(|t| t.1)
-        .filter(|&p| p < 8448)
-        .collect();
+    let mut pages: Vec<u64> = touches.iter().map(|t| t.1).filter(|&p| p < 8448).collect();
     pages.sort_unstable();
     pages.dedup();
     let mut out: Vec<_> = pages.into_iter().map(|p| (0u16, p, true)).collect();
@@ -64,7 +60,7 @@ const COSTS: Costs = Costs {
 };
 
 fn shape() -> Shape {
-    Shape { nodes: 2, cpus: 1 }
+    Shape::new(2, 1)
 }
 
 fn run(t: &Trace, policy: &str) -> Outcome {
@@ -99,7 +95,7 @@ fn write_sharing_invalidates_and_ping_pongs() {
     assert!((2..=19).contains(&o.remote_faults), "{o:?}");
     assert_eq!(o.page_moves, o.remote_faults);
     assert_eq!(o.replicas_made, 0);
-    let alone = replay(&t, &Shape { nodes: 1, cpus: 2 }, &COSTS, |n| {
+    let alone = replay(&t, &Shape::new(1, 2), &COSTS, |n| {
         by_name("always-page", 1, n).unwrap()
     })
     .unwrap();
@@ -148,7 +144,7 @@ fn a_slower_link_costs_more_and_more_cpus_cost_less() {
         by_name("always-page", 1, n).unwrap()
     })
     .unwrap();
-    let wide = replay(&t, &Shape { nodes: 2, cpus: 2 }, &COSTS, |n| {
+    let wide = replay(&t, &Shape::new(2, 2), &COSTS, |n| {
         by_name("always-page", 1, n).unwrap()
     })
     .unwrap();
@@ -161,7 +157,7 @@ fn more_nodes_than_recorded_and_bad_shapes() {
         .map(|i| ((i % 4) as u16, 1000 + i * 50, true))
         .collect();
     let t = trace(4, &touches);
-    let o = replay(&t, &Shape { nodes: 8, cpus: 1 }, &COSTS, |n| {
+    let o = replay(&t, &Shape::new(8, 1), &COSTS, |n| {
         by_name("heuristic", 1, n).unwrap()
     })
     .unwrap();
@@ -171,9 +167,9 @@ fn more_nodes_than_recorded_and_bad_shapes() {
             .unwrap_err()
             .to_string()
     };
-    assert!(err(Shape { nodes: 0, cpus: 1 }).contains("1 to 64 nodes"));
-    assert!(err(Shape { nodes: 65, cpus: 1 }).contains("1 to 64 nodes"));
-    assert!(err(Shape { nodes: 2, cpus: 0 }).contains("at least one CPU"));
+    assert!(err(Shape::new(0, 1)).contains("1 to 64 nodes"));
+    assert!(err(Shape::new(65, 1)).contains("1 to 64 nodes"));
+    assert!(err(Shape::new(2, 0)).contains("at least one CPU"));
     let beyond = trace(2, &[(0, 1 << 30, false)]);
     let e = replay(&beyond, &shape(), &COSTS, |n| {
         by_name("always-page", 1, n).unwrap()
@@ -214,7 +210,7 @@ fn compute_is_calibrated_on_a_one_node_run() {
         compute_scale: scale,
         ..COSTS
     };
-    let o = replay(&t, &Shape { nodes: 1, cpus: 1 }, &c, |n| {
+    let o = replay(&t, &Shape::new(1, 1), &c, |n| {
         by_name("always-page", 1, n).unwrap()
     })
     .unwrap();
@@ -302,7 +298,11 @@ fn the_oracle_moves_a_vcpu_to_its_data_and_brings_a_stray_page() {
     // written them): it should go there.
     let t = trace(
         2,
-        &warmed(&(0..100).map(|i| (1u16, 1000 + i, false)).collect::<Vec<_>>()),
+        &warmed(
+            &(0..100)
+                .map(|i| (1u16, 1000 + i, false))
+                .collect::<Vec<_>>(),
+        ),
     );
     let (o, labels) =
         replay_labelled(&t, &shape(), &COSTS, Decider::Oracle, DEFAULT_HORIZON, true).unwrap();
@@ -347,13 +347,21 @@ fn the_image_starts_everywhere_and_a_stack_follows_its_vcpu() {
     };
     let t = with_layout(&[(1, 515, false), (1, 525, true), (1, 526, false)]);
     let o = run(&t, "always-page");
-    assert_eq!(o.remote_faults, 0, "image replicated, own stack at home: {o:?}");
+    assert_eq!(
+        o.remote_faults, 0,
+        "image replicated, own stack at home: {o:?}"
+    );
     // Writing an image page takes ownership and drops the other copy.
     let o = run(&with_layout(&[(1, 515, true)]), "always-page");
     assert_eq!((o.remote_faults, o.invalidations), (1, 1), "{o:?}");
     // Sent to node 0's data, the vCPU brings its stack page along when it touches it,
     // whatever the policy says.
-    let t = with_layout(&[(1, 525, true), (1, 1000, false), (1, 525, true), (1, 1001, false)]);
+    let t = with_layout(&[
+        (1, 525, true),
+        (1, 1000, false),
+        (1, 525, true),
+        (1, 1001, false),
+    ]);
     let o = run(&t, "always-vcpu");
     assert_eq!(o.vcpu_moves, 1, "{o:?}");
     assert_eq!((o.remote_faults, o.page_moves), (2, 1), "{o:?}");
@@ -366,7 +374,11 @@ fn a_first_touch_of_fresh_remote_memory_claims_a_run_with_no_data() {
     // third claim takes 8 pages more than the guest touches.
     let touches: Vec<_> = (0..40).map(|i| (1u16, 1000 + i, true)).collect();
     let o = run(&trace(2, &touches), "always-page");
-    assert_eq!((o.remote_faults, o.pages_claimed, o.page_moves), (3, 48, 0), "{o:?}");
+    assert_eq!(
+        (o.remote_faults, o.pages_claimed, o.page_moves),
+        (3, 48, 0),
+        "{o:?}"
+    );
     assert!((o.stall_ms - 3.0 * 0.06).abs() < 1e-9, "{o:?}");
     // A page its home touched is not fresh, nor are the 15 after it, which that first
     // touch mapped (FIRST_TOUCH_RUN): the claim stops before it, and they are fetched.
@@ -374,4 +386,34 @@ fn a_first_touch_of_fresh_remote_memory_claims_a_run_with_no_data() {
     touches.extend((0..10).map(|i| (1u16, 1000 + i, true)));
     let o = run(&trace(2, &touches), "always-page");
     assert_eq!((o.pages_claimed, o.page_moves), (5, 5), "{o:?}");
+}
+
+#[test]
+fn a_replay_can_start_the_guest_otherwise_than_recorded() {
+    // vCPU 0 writes 4 consecutive pages, then vCPU 3 reads them. As recorded (contiguous
+    // RAM, vCPU 0 on node 0 where they all live, vCPU 3 on node 1): vCPU 3's four reads
+    // are remote. On 4 nodes with RAM interleaved and vCPUs spread, three of the pages
+    // are homed elsewhere than node 0: vCPU 0's writes claim them (3 faults), and vCPU 3,
+    // now on node 3, still fetches all four from node 0.
+    let touches = warmed(&(0..4).map(|i| (3u16, 1000 + i, false)).collect::<Vec<_>>());
+    let t = trace(4, &touches);
+    let shape = Shape {
+        ram: Some(Ram::Interleave),
+        spread: true,
+        ..Shape::new(4, 1)
+    };
+    let as_recorded = replay(&t, &Shape::new(4, 1), &COSTS, |n| {
+        by_name("always-page", 1, n).unwrap()
+    })
+    .unwrap();
+    assert_eq!(as_recorded.remote_faults, 4, "{as_recorded:?}");
+    let spread = replay(&t, &shape, &COSTS, |n| {
+        by_name("always-page", 1, n).unwrap()
+    })
+    .unwrap();
+    assert_eq!(
+        (spread.remote_faults, spread.pages_claimed),
+        (3 + 4, 3),
+        "{spread:?}"
+    );
 }

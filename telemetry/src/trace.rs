@@ -467,7 +467,9 @@ pub enum TraceError {
     Io { path: String, error: std::io::Error },
     #[error("not a Flotilla trace (the file does not start with \"FLOTRACE\")")]
     NotATrace,
-    #[error("trace format version {found}; this build reads versions {OLDEST_VERSION} to {VERSION}")]
+    #[error(
+        "trace format version {found}; this build reads versions {OLDEST_VERSION} to {VERSION}"
+    )]
     Version { found: u16 },
     #[error("truncated trace: {0}")]
     Truncated(String),
@@ -834,8 +836,8 @@ fn parse(bytes: &[u8]) -> Result<Trace, TraceError> {
                 }
                 let r = rkyv::access::<ArchivedLayoutRecord, rancor::Error>(&aligned)
                     .map_err(|e| corrupt(format!("layout archive: {e}")))?;
-                let l = guest_layout(r, m.mem_bytes)
-                    .map_err(|e| corrupt(format!("layout: {e}")))?;
+                let l =
+                    guest_layout(r, m.mem_bytes).map_err(|e| corrupt(format!("layout: {e}")))?;
                 // All zeros: the writer did not know (a trace rewritten from an older one).
                 let known = l != GuestLayout::default();
                 if let Some(run) = meta.as_mut().and_then(|m| m.run.as_mut()) {

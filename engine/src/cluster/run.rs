@@ -57,7 +57,10 @@ pub struct BootedNode {
 }
 
 /// A trace's metadata with where this guest's image and stacks are.
-fn traced(meta: &flotilla_telemetry::trace::TraceMeta, layout: &BootLayout) -> flotilla_telemetry::trace::TraceMeta {
+fn traced(
+    meta: &flotilla_telemetry::trace::TraceMeta,
+    layout: &BootLayout,
+) -> flotilla_telemetry::trace::TraceMeta {
     use crate::cluster::uffd::PAGE;
     let mut meta = meta.clone();
     if let Some(run) = meta.run.as_mut() {
@@ -96,12 +99,14 @@ fn build(
     let policy = flotilla_placement::by_name(&spec.policy, spec.seed, me)
         .map_err(|e| Error::Config(e.to_string()))?;
     let recorder = match &observe.trace {
-        Some(t) => Some(Recorder::create(&t.path, &traced(&t.meta, &layout)).map_err(|e| {
-            Error::Config(format!(
-                "cannot create trace file {}: {e}",
-                t.path.display()
-            ))
-        })?),
+        Some(t) => Some(
+            Recorder::create(&t.path, &traced(&t.meta, &layout)).map_err(|e| {
+                Error::Config(format!(
+                    "cannot create trace file {}: {e}",
+                    t.path.display()
+                ))
+            })?,
+        ),
         None => None,
     };
     let health = match &observe.sysfs_root {
