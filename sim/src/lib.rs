@@ -1128,7 +1128,7 @@ pub fn replay_with(
         });
         sim.serve(s, decided)?;
         done += 1;
-        if done % PROGRESS_EVERY == 0 {
+        if done.is_multiple_of(PROGRESS_EVERY) {
             progress(done, sim.out.events);
         }
     }

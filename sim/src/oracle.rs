@@ -90,7 +90,7 @@ pub fn replay_labelled_with(
     let mut done = 0u64;
     while let Some(s) = sim.take() {
         done += 1;
-        if done % crate::PROGRESS_EVERY == 0 {
+        if done.is_multiple_of(crate::PROGRESS_EVERY) {
             progress(done, sim.events());
         }
         let Some(f) = sim.fault(&s) else {
