@@ -19,6 +19,9 @@ pub type Outgoing = (NodeId, Message);
 /// simulator follows too.
 pub const CLAIM_EXTENT: u8 = 16;
 const _: () = assert!(CLAIM_EXTENT <= crate::wire::CLAIM_MAX_PAGES);
+/// Faults that ask for one page after a claim that got nothing (the engine's rule, which
+/// the simulator follows).
+pub const CLAIM_BACKOFF: u32 = 64;
 
 /// A node's first touch of a page it holds maps the pages after it that it holds the
 /// same way and has never mapped either, up to this many in all (a guest touching fresh

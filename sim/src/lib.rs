@@ -30,8 +30,8 @@
 //!   vCPU (others can see the page moved before the faulting vCPU resumes).
 
 use flotilla_placement::{FaultContext, FaultRecord, History, Policy};
-use flotilla_telemetry::trace::{EventKind, Trace, NONE16};
-use flotilla_transport::directory::{PageDirectory, CLAIM_EXTENT, FIRST_TOUCH_RUN};
+use flotilla_telemetry::trace::{flags, Event, EventKind, Trace, NONE16};
+use flotilla_transport::directory::{PageDirectory, CLAIM_BACKOFF, CLAIM_EXTENT, FIRST_TOUCH_RUN};
 use flotilla_transport::{Access, Message, NodeId};
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -225,6 +225,11 @@ struct Touch {
     /// this write), as (vCPU, index in its stream); `NONE16` for none (see [`streams`]).
     after_vcpu: u16,
     after_index: u32,
+    /// Whether a fault here may claim the run after the page (the engine claims only
+    /// where nothing is pending under the page's lock: a fault decoded from an `EFAULT`
+    /// exit, not one that came back as MMIO). Known for recorded faults; for samples,
+    /// what most of the trace's faults were.
+    may_claim: bool,
 }
 
 /// The touch streams of a trace, by vCPU, each touch ordered after the latest
@@ -269,6 +274,12 @@ fn streams(t: &Trace, costs: &Costs) -> Vec<Vec<Touch>> {
     if !events.is_sorted_by_key(|e| e.t_ns) {
         events.sort_by_key(|e| (e.t_ns, e.vcpu));
     }
+    let faults: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind() == Some(EventKind::RemoteFault))
+        .collect();
+    let decoded = |e: &Event| e.flags & flags::DECODED != 0;
+    let mostly_decoded = faults.iter().filter(|e| decoded(e)).count() * 2 >= faults.len();
     let none = [(NONE16, 0); 2];
     // Per page: recent accesses, recent writes.
     let mut seen: PageMap<(Recent, Recent)> = PageMap::default();
@@ -304,6 +315,10 @@ fn streams(t: &Trace, costs: &Costs) -> Vec<Vec<Touch>> {
             compute_ns,
             after_vcpu,
             after_index,
+            may_claim: match e.kind() {
+                Some(EventKind::RemoteFault) => decoded(e),
+                _ => mostly_decoded,
+            },
         });
     }
     out
@@ -563,17 +578,28 @@ impl Pages {
         !self.touched.contains(&page) && !self.moved(page) && !self.homes.replicated(page)
     }
 
-    /// `node` claims `page` (fresh, homed elsewhere) and the fresh pages after it with the
-    /// same home, up to [`CLAIM_EXTENT`], as the engine does at a remote first touch: one
-    /// round trip, no data. Returns the pages taken.
-    fn claim(&mut self, node: NodeId, page: u64) -> Result<u64, SimError> {
+    /// `node` claims `page` (homed elsewhere) and the pages after it with the same home
+    /// that it does not hold, up to [`CLAIM_EXTENT`]; the home grants each that is fresh
+    /// (`page` itself if `page_fresh`: it was, before this touch). As the engine does at
+    /// a remote fault: one round trip, no data for what is granted. Returns whether
+    /// `page` was granted, and how many pages were.
+    fn claim(&mut self, node: NodeId, page: u64, page_fresh: bool) -> Result<(bool, u64), SimError> {
         let home = self.home(page);
         let err =
             |e: flotilla_transport::directory::ProtocolError| SimError::Protocol(e.to_string());
-        let mut taken = 0;
-        for p in page..page + u64::from(CLAIM_EXTENT) {
-            if p >= self.homes.end || self.home(p) != home || (p != page && !self.fresh(p)) {
+        let mut extent = 1;
+        while extent < u64::from(CLAIM_EXTENT) {
+            let p = page + extent;
+            if p >= self.homes.end || self.home(p) != home || self.state(node, p).is_some() {
                 break;
+            }
+            extent += 1;
+        }
+        let (mut first, mut taken) = (false, 0);
+        for p in page..page + extent {
+            let fresh = if p == page { page_fresh } else { self.fresh(p) };
+            if !fresh {
+                continue;
             }
             if let Some(j) = &mut self.journal {
                 j.push(Undo::Directory {
@@ -583,14 +609,14 @@ impl Pages {
                     copyset: 1u64 << home,
                 });
             }
-            if !self.dirs[home as usize].claim(p, node).map_err(err)? {
-                break;
+            if self.dirs[home as usize].claim(p, node).map_err(err)? {
+                self.dirs[home as usize].done(p, node).map_err(err)?;
+                self.set_held(node, p, Some(Held::Owned));
+                taken += 1;
+                first |= p == page;
             }
-            self.dirs[home as usize].done(p, node).map_err(err)?;
-            self.set_held(node, p, Some(Held::Owned));
-            taken += 1;
         }
-        Ok(taken)
+        Ok((first, taken))
     }
 
     /// Materialises a page's implicit state (owned by its home, replicated if an image
@@ -718,6 +744,7 @@ struct Saved {
     vcpus: Vec<SimVcpu>,
     load: Vec<u32>,
     resident: Vec<u32>,
+    claim_backoff: Vec<u32>,
     ready: BinaryHeap<Reverse<(u64, usize)>>,
     waiting: Vec<Vec<(u32, usize)>>,
     out: Outcome,
@@ -739,6 +766,8 @@ pub(crate) struct Sim {
     load: Vec<u32>,
     /// vCPUs on each node that have not finished (what the engine's policies see).
     resident: Vec<u32>,
+    /// Per node: faults left before it claims again, after a claim that got nothing.
+    claim_backoff: Vec<u32>,
     /// The vCPU with the earliest clock goes next.
     ready: BinaryHeap<Reverse<(u64, usize)>>,
     /// vCPUs whose next touch must follow another vCPU's touch not yet served, by that
@@ -819,6 +848,7 @@ impl Sim {
             }),
             vcpus,
             resident: load.clone(),
+            claim_backoff: vec![0; shape.nodes as usize],
             load,
             out: Outcome {
                 events,
@@ -917,32 +947,42 @@ impl Sim {
             });
             let costs = self.costs;
             let cost = match decision {
-                Decision::MovePage if fresh && self.pages.home(page) != node => {
-                    // A first touch of fresh memory homed elsewhere: a claim.
-                    let taken = self.pages.claim(node, page)?;
-                    if taken == 0 {
-                        return Err(SimError::Protocol(format!(
-                            "the home refused a claim of fresh page {page:#x}"
-                        )));
-                    }
-                    self.out.pages_claimed += taken;
-                    self.out.bytes_sent += 2 * SMALL_FRAME;
-                    costs.upgrade_ns
-                }
                 Decision::MovePage => {
-                    let m = self.pages.bring(node, page, access)?;
-                    self.out.invalidations += m.invalidations;
-                    self.out.bytes_sent += m.bytes;
-                    self.out.page_moves += u64::from(m.data);
-                    self.out.replicas_made += u64::from(m.replica);
-                    (if m.data {
-                        costs.fetch_ns
-                    } else {
+                    // A fault on a page homed elsewhere asks for the run after it too,
+                    // unless an empty claim paused claims (the engine's CLAIM_BACKOFF).
+                    let mut granted = false;
+                    if self.pages.home(page) != node && s.touch.may_claim {
+                        let paused = &mut self.claim_backoff[node as usize];
+                        if *paused > 0 {
+                            *paused -= 1;
+                        } else {
+                            let (first, taken) = self.pages.claim(node, page, fresh)?;
+                            self.out.pages_claimed += taken;
+                            self.out.bytes_sent += SMALL_FRAME;
+                            if taken == 0 {
+                                self.claim_backoff[node as usize] = CLAIM_BACKOFF;
+                            }
+                            granted = first;
+                        }
+                    }
+                    if granted {
+                        // One round trip, no data.
                         costs.upgrade_ns
-                    }) + if m.invalidations > 0 {
-                        costs.invalidate_ns
                     } else {
-                        0
+                        let m = self.pages.bring(node, page, access)?;
+                        self.out.invalidations += m.invalidations;
+                        self.out.bytes_sent += m.bytes;
+                        self.out.page_moves += u64::from(m.data);
+                        self.out.replicas_made += u64::from(m.replica);
+                        (if m.data {
+                            costs.fetch_ns
+                        } else {
+                            costs.upgrade_ns
+                        }) + if m.invalidations > 0 {
+                            costs.invalidate_ns
+                        } else {
+                            0
+                        }
                     }
                 }
                 Decision::MoveVcpu => {
@@ -1017,6 +1057,7 @@ impl Sim {
             vcpus: self.vcpus.clone(),
             load: self.load.clone(),
             resident: self.resident.clone(),
+            claim_backoff: self.claim_backoff.clone(),
             ready: self.ready.clone(),
             waiting: self.waiting.clone(),
             out: self.out.clone(),
@@ -1030,6 +1071,7 @@ impl Sim {
         self.vcpus = s.vcpus;
         self.load = s.load;
         self.resident = s.resident;
+        self.claim_backoff = s.claim_backoff;
         self.ready = s.ready;
         self.waiting = s.waiting;
         self.out = s.out;

@@ -12,11 +12,8 @@ use crate::memory::{GuestRead, MemoryError};
 use crate::Error;
 use flotilla_telemetry::metrics::Direction;
 use flotilla_telemetry::trace::{EventKind, NONE16};
-use flotilla_transport::directory::CLAIM_EXTENT;
+use flotilla_transport::directory::{CLAIM_BACKOFF, CLAIM_EXTENT};
 use flotilla_transport::{Access, Message, NodeId};
-
-/// Faults that ask for one page after a claim that got nothing.
-const CLAIM_BACKOFF: u32 = 64;
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
