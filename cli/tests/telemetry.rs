@@ -938,7 +938,10 @@ fn a_policy_decides_a_lone_vcpus_faults_the_same_live_and_in_replay() {
         ("vCPU moves", moves(&live), moves(&replayed)),
     ] {
         eprintln!("{what}: live {l}, replayed {r}");
-        assert!(r >= l / 2.0 && r <= l * 2.0, "{what}: live {l}, replayed {r}");
+        assert!(
+            r >= l / 2.0 && r <= l * 2.0,
+            "{what}: live {l}, replayed {r}"
+        );
     }
     let _ = std::fs::remove_file(file);
 }

@@ -583,7 +583,12 @@ impl Pages {
     /// (`page` itself if `page_fresh`: it was, before this touch). As the engine does at
     /// a remote fault: one round trip, no data for what is granted. Returns whether
     /// `page` was granted, and how many pages were.
-    fn claim(&mut self, node: NodeId, page: u64, page_fresh: bool) -> Result<(bool, u64), SimError> {
+    fn claim(
+        &mut self,
+        node: NodeId,
+        page: u64,
+        page_fresh: bool,
+    ) -> Result<(bool, u64), SimError> {
         let home = self.home(page);
         let err =
             |e: flotilla_transport::directory::ProtocolError| SimError::Protocol(e.to_string());
