@@ -741,31 +741,11 @@ pub(crate) struct Fault {
     heat: u32,
 }
 
-/// The part of a [`Sim`] that a look-ahead changes besides the pages: small enough to
-/// copy.
+/// What a replay changes as it goes, besides the pages: small enough for a look-ahead
+/// to copy and put back whole.
 #[derive(Clone)]
-struct Saved {
+struct State {
     pos: Vec<usize>,
-    vcpus: Vec<SimVcpu>,
-    load: Vec<u32>,
-    resident: Vec<u32>,
-    claim_backoff: Vec<u32>,
-    ready: BinaryHeap<Reverse<(u64, usize)>>,
-    waiting: Vec<Vec<(u32, usize)>>,
-    out: Outcome,
-    stall_ns: u64,
-}
-
-/// A replay in progress: the cluster, every vCPU's place in its stream, and the counts
-/// so far. Driven one touch at a time ([`take`](Sim::take), then
-/// [`serve`](Sim::serve)), so a caller can decide a fault any way it likes, looking
-/// ahead included.
-pub(crate) struct Sim {
-    shape: Shape,
-    costs: Costs,
-    streams: Vec<Vec<Touch>>,
-    pos: Vec<usize>,
-    pages: Pages,
     vcpus: Vec<SimVcpu>,
     /// Runnable vCPUs per node (a vCPU with no touches left, or waiting, takes no CPU).
     load: Vec<u32>,
@@ -780,6 +760,18 @@ pub(crate) struct Sim {
     waiting: Vec<Vec<(u32, usize)>>,
     out: Outcome,
     stall_ns: u64,
+}
+
+/// A replay in progress: the cluster, every vCPU's place in its stream, and the counts
+/// so far. Driven one touch at a time ([`take`](Sim::take), then
+/// [`serve`](Sim::serve)), so a caller can decide a fault any way it likes, looking
+/// ahead included.
+pub(crate) struct Sim {
+    shape: Shape,
+    costs: Costs,
+    streams: Vec<Vec<Touch>>,
+    pages: Pages,
+    st: State,
 }
 
 impl Sim {
@@ -833,64 +825,67 @@ impl Sim {
                 load[v.node as usize] += 1;
             }
         }
+        let pages = Pages::new(Homes {
+            nodes: shape.nodes,
+            end: (trace.meta.mem_bytes / 4096).max(FIRST_PAGE + 1),
+            interleave,
+            image: layout.map_or(0..0, |l| l.image_pages.clone()),
+            stacks: layout.map_or(0..0, |l| {
+                l.stacks_first_page..l.stacks_first_page + stack_pages * vcpus.len() as u64
+            }),
+            stack_pages: if layout.is_some() { stack_pages } else { 0 },
+            stack_homes: vcpus.iter().map(|v| v.node).collect(),
+        });
         Ok(Sim {
             shape: shape.clone(),
             costs: *costs,
-            pos: vec![0; streams.len()],
-            ready: (0..streams.len()).map(|v| Reverse((0, v))).collect(),
-            waiting: vec![Vec::new(); streams.len()],
-            streams,
-            pages: Pages::new(Homes {
-                nodes: shape.nodes,
-                end: (trace.meta.mem_bytes / 4096).max(FIRST_PAGE + 1),
-                interleave,
-                image: layout.map_or(0..0, |l| l.image_pages.clone()),
-                stacks: layout.map_or(0..0, |l| {
-                    l.stacks_first_page..l.stacks_first_page + stack_pages * vcpus.len() as u64
-                }),
-                stack_pages: if layout.is_some() { stack_pages } else { 0 },
-                stack_homes: vcpus.iter().map(|v| v.node).collect(),
-            }),
-            vcpus,
-            resident: load.clone(),
-            claim_backoff: vec![0; shape.nodes as usize],
-            load,
-            out: Outcome {
-                events,
-                ..Default::default()
+            st: State {
+                pos: vec![0; streams.len()],
+                ready: (0..streams.len()).map(|v| Reverse((0, v))).collect(),
+                waiting: vec![Vec::new(); streams.len()],
+                vcpus,
+                resident: load.clone(),
+                claim_backoff: vec![0; shape.nodes as usize],
+                load,
+                out: Outcome {
+                    events,
+                    ..Default::default()
+                },
+                stall_ns: 0,
             },
-            stall_ns: 0,
+            streams,
+            pages,
         })
     }
 
     /// The next touch, of the vCPU with the earliest clock, with its compute run.
     pub(crate) fn take(&mut self) -> Option<Step> {
         loop {
-            let Reverse((_, v)) = self.ready.pop()?;
-            let Some(&touch) = self.streams[v].get(self.pos[v]) else {
+            let Reverse((_, v)) = self.st.ready.pop()?;
+            let Some(&touch) = self.streams[v].get(self.st.pos[v]) else {
                 continue;
             };
             let w = touch.after_vcpu as usize;
-            if touch.after_vcpu != NONE16 && self.pos[w] <= touch.after_index as usize {
+            if touch.after_vcpu != NONE16 && self.st.pos[w] <= touch.after_index as usize {
                 // It must follow a touch `w` has not made yet: it waits, off its CPU.
-                self.waiting[w].push((touch.after_index, v));
-                self.load[self.vcpus[v].node as usize] -= 1;
+                self.st.waiting[w].push((touch.after_index, v));
+                self.st.load[self.st.vcpus[v].node as usize] -= 1;
                 continue;
             }
-            self.pos[v] += 1;
-            let node = self.vcpus[v].node;
+            self.st.pos[v] += 1;
+            let node = self.st.vcpus[v].node;
             // Processor sharing: a node with more runnable vCPUs than CPUs runs each
             // slower.
-            let share = f64::from(self.load[node as usize]) / f64::from(self.shape.cpus);
+            let share = f64::from(self.st.load[node as usize]) / f64::from(self.shape.cpus);
             let compute = touch.compute_ns as f64 * self.costs.compute_scale;
-            let t = self.vcpus[v].clock_ns + (compute * share.max(1.0)) as u64;
+            let t = self.st.vcpus[v].clock_ns + (compute * share.max(1.0)) as u64;
             return Some(Step { v, touch, t });
         }
     }
 
     /// The remote fault `s` takes, if its node does not hold the page well enough.
     pub(crate) fn fault(&self, s: &Step) -> Option<Fault> {
-        let node = self.vcpus[s.v].node;
+        let node = self.st.vcpus[s.v].node;
         let page = s.touch.page;
         (!self.pages.usable(node, page, s.touch.access)).then(|| Fault {
             holder: self.pages.holder(page),
@@ -903,13 +898,13 @@ impl Sim {
     /// upgrade), nor for the vCPU's own stack, which follows it: the engine brings the
     /// page then too.
     pub(crate) fn decided(&self, s: &Step, f: &Fault) -> bool {
-        f.holder != self.vcpus[s.v].node
+        f.holder != self.st.vcpus[s.v].node
             && self.pages.homes.stack_of(s.touch.page) != Some(s.v as u32)
     }
 
     /// What the engine would tell the policy about `f`.
     pub(crate) fn context(&self, s: &Step, f: &Fault) -> FaultContext<'_> {
-        let node = self.vcpus[s.v].node;
+        let node = self.st.vcpus[s.v].node;
         FaultContext {
             vcpu: s.v as u32,
             node,
@@ -919,10 +914,10 @@ impl Sim {
             holder: f.holder,
             home: self.pages.home(s.touch.page),
             have_replica: f.have_replica,
-            local_vcpus: self.resident[node as usize],
+            local_vcpus: self.st.resident[node as usize],
             page_heat: f.heat,
-            history: &self.vcpus[s.v].history,
-            node_vcpus: &self.resident,
+            history: &self.st.vcpus[s.v].history,
+            node_vcpus: &self.st.resident,
             cpus: self.shape.cpus,
         }
     }
@@ -935,7 +930,7 @@ impl Sim {
         fault: Option<(Fault, Decision)>,
     ) -> Result<(), SimError> {
         let v = s.v;
-        let node = self.vcpus[v].node;
+        let node = self.st.vcpus[v].node;
         let page = s.touch.page;
         let access = s.touch.access;
         let mut t = s.t;
@@ -943,8 +938,8 @@ impl Sim {
         self.pages.first_touch(page);
         if let Some((f, decision)) = fault {
             let holder = f.holder;
-            self.out.remote_faults += 1;
-            self.vcpus[v].history.push(FaultRecord {
+            self.st.out.remote_faults += 1;
+            self.st.vcpus[v].history.push(FaultRecord {
                 page,
                 access,
                 holder,
@@ -957,15 +952,15 @@ impl Sim {
                     // unless an empty claim paused claims (the engine's CLAIM_BACKOFF).
                     let mut granted = false;
                     if self.pages.home(page) != node && s.touch.may_claim {
-                        let paused = &mut self.claim_backoff[node as usize];
+                        let paused = &mut self.st.claim_backoff[node as usize];
                         if *paused > 0 {
                             *paused -= 1;
                         } else {
                             let (first, taken) = self.pages.claim(node, page, fresh)?;
-                            self.out.pages_claimed += taken;
-                            self.out.bytes_sent += SMALL_FRAME;
+                            self.st.out.pages_claimed += taken;
+                            self.st.out.bytes_sent += SMALL_FRAME;
                             if taken == 0 {
-                                self.claim_backoff[node as usize] = CLAIM_BACKOFF;
+                                self.st.claim_backoff[node as usize] = CLAIM_BACKOFF;
                             }
                             granted = first;
                         }
@@ -975,10 +970,10 @@ impl Sim {
                         costs.upgrade_ns
                     } else {
                         let m = self.pages.bring(node, page, access)?;
-                        self.out.invalidations += m.invalidations;
-                        self.out.bytes_sent += m.bytes;
-                        self.out.page_moves += u64::from(m.data);
-                        self.out.replicas_made += u64::from(m.replica);
+                        self.st.out.invalidations += m.invalidations;
+                        self.st.out.bytes_sent += m.bytes;
+                        self.st.out.page_moves += u64::from(m.data);
+                        self.st.out.replicas_made += u64::from(m.replica);
                         (if m.data {
                             costs.fetch_ns
                         } else {
@@ -997,90 +992,72 @@ impl Sim {
                             self.shape.nodes
                         )));
                     }
-                    self.out.vcpu_moves += 1;
-                    self.out.bytes_sent += MOVE_FRAME;
-                    self.load[node as usize] -= 1;
-                    self.load[holder as usize] += 1;
-                    self.resident[node as usize] -= 1;
-                    self.resident[holder as usize] += 1;
-                    self.vcpus[v].node = holder;
+                    self.st.out.vcpu_moves += 1;
+                    self.st.out.bytes_sent += MOVE_FRAME;
+                    self.st.load[node as usize] -= 1;
+                    self.st.load[holder as usize] += 1;
+                    self.st.resident[node as usize] -= 1;
+                    self.st.resident[holder as usize] += 1;
+                    self.st.vcpus[v].node = holder;
                     // There, the page may still need an upgrade (a write to a replica).
                     let mut c = costs.move_ns;
                     if !self.pages.usable(holder, page, access) {
                         let m = self.pages.bring(holder, page, access)?;
-                        self.out.invalidations += m.invalidations;
-                        self.out.bytes_sent += m.bytes;
+                        self.st.out.invalidations += m.invalidations;
+                        self.st.out.bytes_sent += m.bytes;
                         c += costs.upgrade_ns;
                     }
                     c
                 }
             };
-            self.stall_ns += cost;
+            self.st.stall_ns += cost;
             t += cost;
         }
         if fresh {
-            self.pages.populate_run(self.vcpus[v].node, page);
+            self.pages.populate_run(self.st.vcpus[v].node, page);
         }
-        self.vcpus[v].clock_ns = t;
+        self.st.vcpus[v].clock_ns = t;
         self.release(v);
-        if self.pos[v] >= self.streams[v].len() {
+        if self.st.pos[v] >= self.streams[v].len() {
             // It ran to its last touch and stops: no longer runnable where it is.
-            self.load[self.vcpus[v].node as usize] -= 1;
-            self.resident[self.vcpus[v].node as usize] -= 1;
+            self.st.load[self.st.vcpus[v].node as usize] -= 1;
+            self.st.resident[self.st.vcpus[v].node as usize] -= 1;
         } else {
-            self.ready.push(Reverse((t, v)));
+            self.st.ready.push(Reverse((t, v)));
         }
         Ok(())
     }
 
     /// Lets the vCPUs waiting for `v`'s touches made so far run, no earlier than now.
     fn release(&mut self, v: usize) {
-        if self.waiting[v].is_empty() {
+        if self.st.waiting[v].is_empty() {
             return;
         }
-        let done = self.pos[v] as u32;
-        let t = self.vcpus[v].clock_ns;
+        let done = self.st.pos[v] as u32;
+        let t = self.st.vcpus[v].clock_ns;
         let mut i = 0;
-        while i < self.waiting[v].len() {
-            let (index, w) = self.waiting[v][i];
+        while i < self.st.waiting[v].len() {
+            let (index, w) = self.st.waiting[v][i];
             if index < done {
-                self.waiting[v].swap_remove(i);
-                let vw = &mut self.vcpus[w];
+                self.st.waiting[v].swap_remove(i);
+                let vw = &mut self.st.vcpus[w];
                 vw.clock_ns = vw.clock_ns.max(t);
-                self.load[vw.node as usize] += 1;
-                self.ready.push(Reverse((vw.clock_ns, w)));
+                self.st.load[vw.node as usize] += 1;
+                self.st.ready.push(Reverse((vw.clock_ns, w)));
             } else {
                 i += 1;
             }
         }
     }
 
-    fn save(&mut self) -> Saved {
+    fn save(&mut self) -> State {
         self.pages.mark();
-        Saved {
-            pos: self.pos.clone(),
-            vcpus: self.vcpus.clone(),
-            load: self.load.clone(),
-            resident: self.resident.clone(),
-            claim_backoff: self.claim_backoff.clone(),
-            ready: self.ready.clone(),
-            waiting: self.waiting.clone(),
-            out: self.out.clone(),
-            stall_ns: self.stall_ns,
-        }
+        self.st.clone()
     }
 
-    fn restore(&mut self, s: Saved) -> Result<(), SimError> {
+    fn restore(&mut self, saved: State) -> Result<(), SimError> {
         self.pages.rewind()?;
-        self.pos = s.pos;
-        self.vcpus = s.vcpus;
-        self.load = s.load;
-        self.resident = s.resident;
-        self.claim_backoff = s.claim_backoff;
-        self.ready = s.ready;
-        self.waiting = s.waiting;
-        self.out = s.out;
-        self.stall_ns = s.stall_ns;
+        self.st = saved;
         Ok(())
     }
 
@@ -1097,6 +1074,7 @@ impl Sim {
     ) -> Result<u64, SimError> {
         let saved = self.save();
         let limit: Vec<usize> = self
+            .st
             .pos
             .iter()
             .zip(&self.streams)
@@ -1105,7 +1083,7 @@ impl Sim {
         let result = (|| {
             self.serve(s, Some((f, decision)))?;
             while let Some(next) = self.take() {
-                if self.pos[next.v] > limit[next.v] {
+                if self.st.pos[next.v] > limit[next.v] {
                     // Past its horizon: this vCPU stops here, still runnable.
                     continue;
                 }
@@ -1120,19 +1098,19 @@ impl Sim {
 
     /// Touches in all the streams.
     pub(crate) fn events(&self) -> u64 {
-        self.out.events
+        self.st.out.events
     }
 
     /// The sum of every vCPU's clock, in ns.
     pub(crate) fn clocks(&self) -> u64 {
-        self.vcpus.iter().map(|v| v.clock_ns).sum()
+        self.st.vcpus.iter().map(|v| v.clock_ns).sum()
     }
 
     pub(crate) fn finish(self) -> Outcome {
-        let mut out = self.out;
-        let end = self.vcpus.iter().map(|v| v.clock_ns).max().unwrap_or(0);
+        let mut out = self.st.out;
+        let end = self.st.vcpus.iter().map(|v| v.clock_ns).max().unwrap_or(0);
         out.wall_ms = end as f64 / 1e6;
-        out.stall_ms = self.stall_ns as f64 / 1e6;
+        out.stall_ms = self.st.stall_ns as f64 / 1e6;
         out
     }
 }
@@ -1176,7 +1154,7 @@ pub fn replay_with(
         sim.serve(s, decided)?;
         done += 1;
         if done.is_multiple_of(PROGRESS_EVERY) {
-            progress(done, sim.out.events);
+            progress(done, sim.events());
         }
     }
     Ok(sim.finish())

@@ -201,6 +201,7 @@ pub enum Column {
     Str(Vec<String>),
 }
 
+#[cfg(feature = "parquet")]
 impl Column {
     fn len(&self) -> usize {
         match self {
