@@ -1,7 +1,7 @@
 //! `flotilla replay --labels FILE`: one row per decided fault, for training a learned
 //! policy (docs/simulator.md lists the columns).
 
-use flotilla_placement::features::FEATURE_NAMES;
+use flotilla_placement::features::{FEATURE_NAMES, FEATURE_VERSION};
 use flotilla_sim::{Decision, Label, Shape};
 use flotilla_telemetry::export::{write_table_parquet, Column};
 use flotilla_telemetry::trace::Trace;
@@ -69,6 +69,7 @@ pub fn write(
         ("nodes", shape.nodes.to_string()),
         ("cpus_per_node", shape.cpus.to_string()),
         ("horizon", horizon.to_string()),
+        ("feature_version", FEATURE_VERSION.to_string()),
         ("features", FEATURE_NAMES.join(",")),
     ];
     write_table_parquet(file, &columns, &meta)

@@ -68,6 +68,7 @@ impl MachineConfig {
             stack_bytes: self.stack_bytes,
             // Never asked: a node alone has no remote faults.
             policy: "always-page".into(),
+            model: String::new(),
             seed: 0,
             vcpu_nodes: vec![0; self.vcpus as usize],
             ram: RamPlacement::Contiguous,
@@ -109,7 +110,7 @@ impl Machine {
     /// Validates `image` and the configuration, then builds the VM with every vCPU at the
     /// entry point.
     pub fn boot(config: MachineConfig, image: &[u8]) -> Result<Self, Error> {
-        let node = BootedNode::boot(0, config.spec(), image, config.observe(), None)?;
+        let node = BootedNode::boot(0, config.spec(), image, config.observe(), None, None)?;
         Ok(Machine { config, node })
     }
 

@@ -5,8 +5,12 @@
 
 use crate::{Access, Decision, FaultContext};
 
+/// The version of this definition: bumped whenever a feature is added, dropped, reordered
+/// or computed differently, so a model trained on one definition is never fed another.
+pub const FEATURE_VERSION: u32 = 1;
+
 /// How many features [`features`] returns.
-pub const FEATURE_COUNT: usize = 16;
+pub const FEATURE_COUNT: usize = 18;
 
 /// The features' names, in order: the column names of `flotilla replay --labels` and the
 /// input order of a learned model.
@@ -27,6 +31,8 @@ pub const FEATURE_NAMES: [&str; FEATURE_COUNT] = [
     "history_to_holder",
     "history_same_page",
     "history_writes",
+    "link_page_us",
+    "link_vcpu_us",
 ];
 
 /// The feature vector of one fault; see [`FEATURE_NAMES`].
@@ -58,6 +64,8 @@ pub fn features(f: &FaultContext<'_>) -> [f32; FEATURE_COUNT] {
         to_holder as f32,
         same_page as f32,
         writes as f32,
+        f.link.page_us,
+        f.link.vcpu_us,
     ]
 }
 
@@ -94,5 +102,7 @@ mod tests {
         assert_eq!(get("holder_vcpus"), 1.0);
         assert_eq!(get("room_on_holder"), 1.0);
         assert_eq!(get("faults_since_move"), 3.0);
+        assert_eq!(get("link_page_us"), 100.0);
+        assert_eq!(get("link_vcpu_us"), 200.0);
     }
 }

@@ -125,6 +125,16 @@ impl History {
     }
 }
 
+/// What a remote fault costs on this cluster's links, as the faulting node last measured
+/// it (a decayed average of its own service times; 0 until it has measured one).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LinkCost {
+    /// Bringing a page here: fault exit to re-entry (µs).
+    pub page_us: f32,
+    /// Sending a vCPU away: fault exit to re-entry on the other node (µs).
+    pub vcpu_us: f32,
+}
+
 /// Everything the engine knows cheaply at a remote fault.
 #[derive(Debug, Clone, Copy)]
 pub struct FaultContext<'a> {
@@ -153,6 +163,7 @@ pub struct FaultContext<'a> {
     pub node_vcpus: &'a [u32],
     /// CPUs each node may run vCPUs on.
     pub cpus: u32,
+    pub link: LinkCost,
 }
 
 impl FaultContext<'_> {
@@ -192,6 +203,12 @@ pub trait Policy: Send {
     /// The name `--policy` selects it by.
     fn name(&self) -> &'static str;
     fn decide(&mut self, fault: &FaultContext<'_>) -> Decision;
+    /// A copy for one more vCPU thread of the same node, when this policy keeps no state
+    /// that its vCPUs must share: the engine then gives every vCPU thread its own, and
+    /// decisions take no lock. `None` (the default): one instance per node, behind a lock.
+    fn fork(&self) -> Option<Box<dyn Policy>> {
+        None
+    }
 }
 
 /// Always bring the page.
@@ -205,6 +222,9 @@ impl Policy for AlwaysPage {
     fn decide(&mut self, _: &FaultContext<'_>) -> Decision {
         Decision::MovePage
     }
+    fn fork(&self) -> Option<Box<dyn Policy>> {
+        Some(Box::new(AlwaysPage))
+    }
 }
 
 /// Always send the vCPU to the page.
@@ -217,6 +237,9 @@ impl Policy for AlwaysVcpu {
     }
     fn decide(&mut self, _: &FaultContext<'_>) -> Decision {
         Decision::MoveVcpu
+    }
+    fn fork(&self) -> Option<Box<dyn Policy>> {
+        Some(Box::new(AlwaysVcpu))
     }
 }
 
@@ -267,8 +290,16 @@ pub const POLICY_NAMES: [&str; 7] = [
 
 /// A `--policy` name that is not one of [`POLICY_NAMES`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown policy '{0}' (known: always-page, always-vcpu, random, heuristic, numa-balancing, tidalscale, elasticos)")]
-pub struct UnknownPolicy(pub String);
+pub enum UnknownPolicy {
+    #[error("unknown policy '{0}' (known: always-page, always-vcpu, random, heuristic, numa-balancing, tidalscale, elasticos, learned)")]
+    Unknown(String),
+    /// `learned` is not built here: it serves a model (the `flotilla-learned` crate).
+    #[error("policy learned serves a trained model: give --model FILE")]
+    NeedsModel,
+}
+
+/// The name of the policy that serves a trained model ([`by_name`] does not build it).
+pub const LEARNED: &str = "learned";
 
 /// Builds the policy called `name` for `node`. `seed` seeds `random` (mixed with the
 /// node id, so nodes do not flip the same coins).
@@ -283,7 +314,8 @@ pub fn by_name(name: &str, seed: u64, node: NodeId) -> Result<Box<dyn Policy>, U
         "numa-balancing" => Box::new(NumaBalancing::default()),
         "tidalscale" => Box::new(Tidal::default()),
         "elasticos" => Box::new(Elastic::default()),
-        other => return Err(UnknownPolicy(other.to_string())),
+        LEARNED => return Err(UnknownPolicy::NeedsModel),
+        other => return Err(UnknownPolicy::Unknown(other.to_string())),
     })
 }
 
@@ -306,6 +338,10 @@ mod tests {
             history,
             node_vcpus: &[1, 1],
             cpus: 2,
+            link: LinkCost {
+                page_us: 100.0,
+                vcpu_us: 200.0,
+            },
         }
     }
 
@@ -335,7 +371,7 @@ mod tests {
         }
         assert_eq!(
             by_name("nope", 1, 0).err(),
-            Some(UnknownPolicy("nope".into()))
+            Some(UnknownPolicy::Unknown("nope".into()))
         );
     }
 

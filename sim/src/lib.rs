@@ -29,7 +29,7 @@
 //! - a page transaction takes effect when it starts; its cost is charged to the faulting
 //!   vCPU (others can see the page moved before the faulting vCPU resumes).
 
-use flotilla_placement::{FaultContext, FaultRecord, History, Policy};
+use flotilla_placement::{FaultContext, FaultRecord, History, LinkCost, Policy};
 use flotilla_telemetry::trace::{flags, Event, EventKind, Trace, NONE16};
 use flotilla_transport::directory::{PageDirectory, CLAIM_BACKOFF, CLAIM_EXTENT, FIRST_TOUCH_RUN};
 use flotilla_transport::{Access, Message, NodeId};
@@ -125,6 +125,14 @@ impl Costs {
             },
             install_ns: install,
             compute_scale: 1.0,
+        }
+    }
+
+    /// What the engine tells a policy about its links (it measures the same two costs).
+    pub fn link(&self) -> LinkCost {
+        LinkCost {
+            page_us: self.fetch_ns as f32 / 1e3,
+            vcpu_us: self.move_ns as f32 / 1e3,
         }
     }
 
@@ -919,6 +927,7 @@ impl Sim {
             history: &self.st.vcpus[s.v].history,
             node_vcpus: &self.st.resident,
             cpus: self.shape.cpus,
+            link: self.costs.link(),
         }
     }
 

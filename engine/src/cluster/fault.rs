@@ -60,6 +60,9 @@ pub(super) struct Ctx {
     pub arrived_rip: Option<u64>,
     /// vCPUs on each node, as this node knows them (refreshed for each decision).
     pub loads: Vec<u32>,
+    /// This thread's own copy of the node's policy, when it keeps no shared state
+    /// ([`Policy::fork`](flotilla_placement::Policy::fork)): decisions then take no lock.
+    pub policy: Option<Box<dyn flotilla_placement::Policy>>,
 }
 
 /// How a fault reached the engine.
@@ -520,13 +523,17 @@ fn decide(node: &Node, ctx: &mut Ctx, id: u32, f: &mut Remote, forced: bool) -> 
             history: &ctx.history,
             node_vcpus: &ctx.loads,
             cpus: node.cpus,
+            link: node.link.get(),
         };
         let t = Instant::now();
-        let d = node
-            .policy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .decide(&fc);
+        let d = match ctx.policy.as_mut() {
+            Some(own) => own.decide(&fc),
+            None => node
+                .policy
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .decide(&fc),
+        };
         node.metrics.policy_decision(t.elapsed().as_secs_f64());
         d
     };

@@ -82,6 +82,9 @@ pub struct ClusterSpec {
     pub args: String,
     pub stack_bytes: u64,
     pub policy: String,
+    /// For [`LEARNED`](flotilla_placement::LEARNED): a digest of its model file, so
+    /// every node serves the same model ("" for the built-in policies).
+    pub model: String,
     pub seed: u64,
     /// Initial node of each vCPU.
     pub vcpu_nodes: Vec<NodeId>,
@@ -120,20 +123,23 @@ impl ClusterSpec {
                 spec.nodes
             ));
         }
-        flotilla_placement::by_name(&spec.policy, spec.seed, me)
-            .map_err(|e| Error::Config(e.to_string()))?;
+        if spec.policy != flotilla_placement::LEARNED {
+            flotilla_placement::by_name(&spec.policy, spec.seed, me)
+                .map_err(|e| Error::Config(e.to_string()))?;
+        }
         Ok(())
     }
 
     /// Bytes every node must agree on, for the configuration digest.
     pub fn canonical(&self, image: &[u8]) -> Vec<u8> {
         let mut out = format!(
-            "nodes={} vcpus={} mem={} stack={} policy={} seed={} ram={} vcpu_nodes={:?} args={:?} image=",
+            "nodes={} vcpus={} mem={} stack={} policy={} model={} seed={} ram={} vcpu_nodes={:?} args={:?} image=",
             self.nodes,
             self.vcpus,
             self.mem_bytes,
             self.stack_bytes,
             self.policy,
+            self.model,
             self.seed,
             self.ram.name(),
             self.vcpu_nodes,
@@ -160,6 +166,9 @@ pub struct NodeSetup {
     /// share it); `None`: this node's start.
     pub epoch_ns: Option<u64>,
     pub observe: Observe,
+    /// This node's placement policy, built by the caller (a learned one is); `None`: the
+    /// built-in policy `spec.policy` names.
+    pub policy: Option<Box<dyn flotilla_placement::Policy>>,
 }
 
 /// What a node tells the outside world while it runs (all off by default).

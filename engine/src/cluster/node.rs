@@ -11,7 +11,7 @@
 
 use super::leader::Leader;
 use super::pages::PageTable;
-use super::stats::{Counters, Sample, SampleSet};
+use super::stats::{Counters, LinkEstimate, Sample, SampleSet};
 use super::uffd::PAGE;
 use super::wait::{Arrival, PauseGate, Slot, Waiting};
 use super::{ClusterSpec, NodeId, POLL};
@@ -93,6 +93,8 @@ pub(super) struct Node {
     pub threads: Mutex<Vec<Option<libc::pthread_t>>>,
     pub counters: Counters,
     pub samples: Mutex<SampleSet>,
+    /// What remote faults cost here lately, for the policy.
+    pub link: LinkEstimate,
     pub metrics: NodeMetrics,
     recorder: Option<Recorder>,
     health: HealthReader,
@@ -180,6 +182,7 @@ impl Node {
     }
 
     pub fn sample(&self, kind: Sample, d: Duration) {
+        self.link.observe(kind, d);
         self.samples
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -637,6 +640,7 @@ impl Node {
             threads: Mutex::new(vec![None; spec.vcpus as usize]),
             counters: Counters::default(),
             samples: Mutex::new(SampleSet::default()),
+            link: LinkEstimate::default(),
             metrics: NodeMetrics::new(me),
             recorder,
             health,

@@ -21,6 +21,7 @@ use crate::kvm::{Hypervisor, Vcpu, VcpuState, Vm};
 use crate::loader::Image;
 use crate::memory::GuestMemory;
 use crate::Error;
+use flotilla_placement::Policy;
 use flotilla_telemetry::health::HealthReader;
 use flotilla_telemetry::http::MetricsServer;
 use flotilla_telemetry::record::Recorder;
@@ -82,6 +83,7 @@ fn build(
     layout: BootLayout,
     memory: Arc<GuestMemory>,
     observe: Observe,
+    policy: Option<Box<dyn Policy>>,
     clock: GuestClock,
     leader: Option<Leader>,
     returned: Vec<bool>,
@@ -96,8 +98,18 @@ fn build(
         vcpu_states(&vcpu)?;
         vcpus.push(vcpu);
     }
-    let policy = flotilla_placement::by_name(&spec.policy, spec.seed, me)
-        .map_err(|e| Error::Config(e.to_string()))?;
+    let policy = match policy {
+        Some(p) if p.name() == spec.policy => p,
+        Some(p) => {
+            return Err(Error::Config(format!(
+                "the configuration names policy {}, the node was given {}",
+                spec.policy,
+                p.name()
+            )))
+        }
+        None => flotilla_placement::by_name(&spec.policy, spec.seed, me)
+            .map_err(|e| Error::Config(e.to_string()))?,
+    };
     let recorder = match &observe.trace {
         Some(t) => Some(
             Recorder::create(&t.path, &traced(&t.meta, &layout)).map_err(|e| {
@@ -162,6 +174,7 @@ impl BootedNode {
         spec: ClusterSpec,
         image: &[u8],
         observe: Observe,
+        policy: Option<Box<dyn Policy>>,
         epoch_ns: Option<u64>,
     ) -> Result<BootedNode, Error> {
         spec.check(me)?;
@@ -187,6 +200,7 @@ impl BootedNode {
             layout,
             memory,
             observe,
+            policy,
             GuestClock::Epoch(epoch_ns),
             leader,
             returned,
@@ -232,6 +246,7 @@ impl BootedNode {
             snapshot.layout.clone(),
             memory,
             observe,
+            None,
             GuestClock::Continue(snapshot.clock_ns),
             Some(leader),
             returned,
@@ -497,9 +512,10 @@ pub fn run_node(setup: NodeSetup) -> Result<Option<ClusterOutcome>, Error> {
         echo_rounds,
         epoch_ns,
         observe,
+        policy,
     } = setup;
     let started = Instant::now();
-    let booted = BootedNode::boot(me, spec, &image, observe, epoch_ns)?;
+    let booted = BootedNode::boot(me, spec, &image, observe, policy, epoch_ns)?;
     tracing::debug!(
         node = me,
         setup_ms = started.elapsed().as_millis() as u64,

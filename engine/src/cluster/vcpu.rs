@@ -72,6 +72,7 @@ fn vcpu_loop(node: &Node, vcpu: &mut Vcpu, mut here: bool) -> Result<(), Error> 
         arrived_rip: None,
         spurious: (0, 0),
         loads: vec![0; node.nodes as usize],
+        policy: node.policy.lock().unwrap_or_else(|p| p.into_inner()).fork(),
     };
     if here {
         node.resident.fetch_add(1, Ordering::Relaxed);
