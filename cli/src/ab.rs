@@ -27,6 +27,9 @@ pub struct AbArgs {
     /// The policy compared with it.
     #[arg(long)]
     pub b: String,
+    /// The ONNX model of whichever side is `learned`.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
     /// Comma-separated workloads (default: all, at `bench sim-fidelity`'s sizes).
     #[arg(long, value_delimiter = ',')]
     pub workloads: Vec<String>,
@@ -97,9 +100,25 @@ fn geomean(xs: impl Iterator<Item = f64>) -> Option<f64> {
     (n > 0).then(|| (sum / n as f64).exp())
 }
 
+/// Side `policy` of the comparison, its model loaded when it is learned.
+fn choice(a: &AbArgs, policy: &str, seed: u64) -> Result<crate::policy::Choice> {
+    let model = (policy == flotilla_placement::LEARNED)
+        .then_some(a.model.as_deref())
+        .flatten();
+    crate::policy::Choice::new(policy, seed, model)
+}
+
 pub fn ab(a: AbArgs) -> Result<i32> {
+    let learned = [&a.a, &a.b].contains(&&flotilla_placement::LEARNED.to_string());
+    if a.model.is_some() && !learned {
+        bail!(
+            "--model is only for a side that is learned (--a {} --b {})",
+            a.a,
+            a.b
+        );
+    }
     for p in [&a.a, &a.b] {
-        flotilla_placement::by_name(p, 1, 0).map_err(|e| anyhow!("{e}"))?;
+        choice(&a, p, 1)?;
     }
     if a.no_live && a.no_replay {
         bail!("--no-live and --no-replay leave nothing to compare");
@@ -170,6 +189,7 @@ fn live(a: &AbArgs, name: &str) -> Result<Row> {
     let w = Pinned {
         workload: &found,
         transport: "tcp",
+        model: a.model.as_deref(),
     };
     let mut row = Row {
         arm: "live",
@@ -281,10 +301,8 @@ fn replayed(a: &AbArgs, names: &[String]) -> Result<Vec<Row>> {
             error: None,
         };
         for (k, policy) in [&a.a, &a.b].into_iter().enumerate() {
-            let seed = t.meta.seed;
-            match flotilla_sim::replay(&t, &shape, &costs, |n| {
-                flotilla_placement::by_name(policy, seed, n).expect("checked in ab()")
-            }) {
+            let side = choice(a, policy, t.meta.seed)?;
+            match flotilla_sim::replay(&t, &shape, &costs, |n| side.make(n)) {
                 Ok(o) => {
                     let moves = o.vcpu_moves as f64 * costs.move_ns as f64 / 1e6;
                     row.stall[k] = ((o.stall_ms - moves).max(0.0), moves);

@@ -708,6 +708,8 @@ impl BenchWorkload {
 pub(crate) struct Pinned<'a> {
     pub(crate) workload: &'a BenchWorkload,
     pub(crate) transport: &'a str,
+    /// The model a `learned` run serves.
+    pub(crate) model: Option<&'a std::path::Path>,
 }
 
 impl Pinned<'_> {
@@ -752,6 +754,9 @@ impl Pinned<'_> {
         let launch = Launch {
             transport: self.transport.to_string(),
             policy: policy.to_string(),
+            model: (policy == flotilla_placement::LEARNED)
+                .then(|| self.model.map(|m| m.to_path_buf()))
+                .flatten(),
             timeout: Some(timeout),
             cpus_per_node: Some(1),
             observe,
@@ -789,6 +794,7 @@ fn scaling(a: ScalingArgs) -> Result<i32> {
         let w = Pinned {
             workload: &found,
             transport: &a.transport,
+            model: None,
         };
         // Interleaved: one node, then each policy on two, `runs` times over. A policy
         // whose run fails (or takes 20 times the 1-node time) is reported as failed and
@@ -1029,6 +1035,7 @@ fn sim_fidelity_in(a: &FidelityArgs, names: &[String], dir: &std::path::Path) ->
         let w = Pinned {
             workload: &found,
             transport: "tcp",
+            model: None,
         };
         // The reference stream, recorded once under one policy.
         let file = dir.join(format!("{name}.ftrace"));

@@ -41,6 +41,9 @@ pub struct ClusterFile {
     pub args: String,
     #[serde(default = "default_policy")]
     pub policy: String,
+    /// The ONNX model `learned` serves (every node reads its own copy; all must agree).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<PathBuf>,
     #[serde(default)]
     pub seed: u64,
     /// Initial node of each vCPU (default: round-robin).
@@ -266,6 +269,8 @@ pub fn setup(file: &ClusterFile, id: Option<u16>, secret: SecretSource) -> Resul
         Some(t) if !(t > 0.0 && t.is_finite()) => bail!("timeout_s {t}: must be positive"),
         t => t.map(Duration::from_secs_f64),
     };
+    // A learned policy's model is read and checked here, before the guest starts.
+    let policy = crate::policy::Choice::new(&file.policy, file.seed, file.model.as_deref())?;
     let spec = ClusterSpec {
         nodes: nodes as u16,
         vcpus: file.vcpus,
@@ -273,6 +278,7 @@ pub fn setup(file: &ClusterFile, id: Option<u16>, secret: SecretSource) -> Resul
         args: file.args.clone(),
         stack_bytes: stack_bytes(file)?,
         policy: file.policy.clone(),
+        model: policy.digest.clone(),
         seed: file.seed,
         vcpu_nodes,
         ram,
@@ -304,5 +310,6 @@ pub fn setup(file: &ClusterFile, id: Option<u16>, secret: SecretSource) -> Resul
         echo_rounds: file.echo_rounds,
         epoch_ns: file.epoch_ns,
         observe: Default::default(),
+        policy: Some(policy.make(me)),
     })
 }

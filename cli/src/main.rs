@@ -16,6 +16,7 @@ mod cpus;
 mod labels;
 mod launch;
 mod node;
+mod policy;
 mod replay;
 mod report;
 mod run;

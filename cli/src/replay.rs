@@ -17,6 +17,9 @@ pub struct ReplayArgs {
     /// at each fault, the cheaper choice by looking ahead (docs/simulator.md).
     #[arg(long)]
     pub policy: Option<String>,
+    /// The ONNX model of `--policy learned`.
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
     /// Nodes of the simulated cluster (default: the trace's).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub nodes: Option<u16>,
@@ -64,10 +67,17 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
     let meta = &trace.meta;
     let policy = a.policy.clone().unwrap_or_else(|| meta.policy.clone());
     let oracle = policy == "oracle";
-    if !oracle {
-        flotilla_placement::by_name(&policy, meta.seed, 0)
-            .map_err(|e| anyhow!("--policy: {e} (or oracle, in replay)"))?;
-    }
+    let choice = if oracle {
+        if a.model.is_some() {
+            bail!("--model is only for --policy learned (the policy is oracle)");
+        }
+        None
+    } else {
+        Some(
+            crate::policy::Choice::new(&policy, meta.seed, a.model.as_deref())
+                .map_err(|e| anyhow!("{e:#} (or oracle, in replay)"))?,
+        )
+    };
     // Fail on an unwritable labels file before a long replay, not after.
     let labels_file = a
         .labels
@@ -122,8 +132,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         bail!("trace {}: no events to replay", a.trace.display());
     }
     let started = Instant::now();
-    let seed = meta.seed;
-    let mut make = |n| flotilla_placement::by_name(&policy, seed, n).expect("checked above");
+    let mut make = |n| choice.as_ref().expect("not the oracle").make(n);
     let decider = if oracle {
         flotilla_sim::Decider::Oracle
     } else {

@@ -60,9 +60,12 @@ pub struct RunArgs {
     #[arg(long, default_value = "tcp")]
     pub transport: String,
     /// Placement policy: always-page, always-vcpu, random, heuristic, numa-balancing,
-    /// tidalscale or elasticos.
+    /// tidalscale, elasticos, or learned (with --model).
     #[arg(long, default_value = "heuristic")]
     pub policy: String,
+    /// The ONNX model --policy learned serves (models/*.onnx; `flotilla train` writes them).
+    #[arg(long, value_name = "FILE")]
+    pub model: Option<PathBuf>,
     /// Seed of the random policy.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -123,6 +126,9 @@ fn plan(args: &RunArgs, nodes: u16) -> Result<Plan> {
             flotilla_transport::MAX_NODES
         );
     }
+    // Every node checks it again; checked here too, so that a bad model fails a run on
+    // one node (which never asks a policy) as clearly as on several.
+    crate::policy::Choice::new(&args.policy, args.seed, args.model.as_deref())?;
     let timeout = match args.timeout {
         Some(t) if !(t > 0.0 && t.is_finite()) => {
             bail!("--timeout {t}: must be a positive number of seconds")
@@ -332,7 +338,7 @@ fn run_here(plan: &Plan) -> Reported {
         ..Default::default()
     };
     let forwarded = observe.forward_console;
-    let run = BootedNode::boot(0, c.spec(), &plan.image, observe, None)
+    let run = BootedNode::boot(0, c.spec(), &plan.image, observe, None, None)
         .and_then(|node| node.start(c.timeout))
         .and_then(RunningNode::wait);
     match run {
@@ -354,6 +360,7 @@ fn launch_of(args: &RunArgs, plan: &Plan) -> Launch {
         nodes: plan.info.nodes,
         transport: args.transport.clone(),
         policy: args.policy.clone(),
+        model: args.model.clone(),
         seed: args.seed,
         vcpus: plan.config.vcpus,
         mem: plan.config.mem_bytes,
