@@ -109,7 +109,7 @@ fn choice(a: &AbArgs, policy: &str, seed: u64) -> Result<crate::policy::Choice> 
 }
 
 pub fn ab(a: AbArgs) -> Result<i32> {
-    let learned = [&a.a, &a.b].contains(&&flotilla_placement::LEARNED.to_string());
+    let learned = a.a == flotilla_placement::LEARNED || a.b == flotilla_placement::LEARNED;
     if a.model.is_some() && !learned {
         bail!(
             "--model is only for a side that is learned (--a {} --b {})",
@@ -117,9 +117,8 @@ pub fn ab(a: AbArgs) -> Result<i32> {
             a.b
         );
     }
-    for p in [&a.a, &a.b] {
-        choice(&a, p, 1)?;
-    }
+    // Checked (and a model loaded) once; the replay arm reseeds them per trace.
+    let sides = [choice(&a, &a.a, 1)?, choice(&a, &a.b, 1)?];
     if a.no_live && a.no_replay {
         bail!("--no-live and --no-replay leave nothing to compare");
     }
@@ -147,7 +146,7 @@ pub fn ab(a: AbArgs) -> Result<i32> {
         }
     }
     if !a.no_replay {
-        for row in replayed(&a, &names)? {
+        for row in replayed(&a, &sides, &names)? {
             progress(&a, &row);
             rows.push(row);
         }
@@ -266,7 +265,7 @@ fn reference_traces(
     Ok(out)
 }
 
-fn replayed(a: &AbArgs, names: &[String]) -> Result<Vec<Row>> {
+fn replayed(a: &AbArgs, sides: &[crate::policy::Choice; 2], names: &[String]) -> Result<Vec<Row>> {
     let traces = reference_traces(&a.traces, names)?;
     if traces.is_empty() {
         bail!(
@@ -300,8 +299,8 @@ fn replayed(a: &AbArgs, names: &[String]) -> Result<Vec<Row>> {
             interval: None,
             error: None,
         };
-        for (k, policy) in [&a.a, &a.b].into_iter().enumerate() {
-            let side = choice(a, policy, t.meta.seed)?;
+        for (k, side) in sides.iter().enumerate() {
+            let side = side.with_seed(t.meta.seed);
             match flotilla_sim::replay(&t, &shape, &costs, |n| side.make(n)) {
                 Ok(o) => {
                     let moves = o.vcpu_moves as f64 * costs.move_ns as f64 / 1e6;
@@ -312,7 +311,7 @@ fn replayed(a: &AbArgs, names: &[String]) -> Result<Vec<Row>> {
                         row.b_ms.push(o.wall_ms)
                     }
                 }
-                Err(e) => row.error = Some(format!("{policy}: {e}")),
+                Err(e) => row.error = Some(format!("{}: {e}", side.name)),
             }
         }
         if row.error.is_none() {

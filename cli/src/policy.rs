@@ -51,6 +51,14 @@ impl Choice {
         })
     }
 
+    /// The same policy seeded with `seed` (a trace's own), its model shared, not reloaded.
+    pub fn with_seed(&self, seed: u64) -> Choice {
+        Choice {
+            seed,
+            ..self.clone()
+        }
+    }
+
     /// Node `node`'s instance.
     pub fn make(&self, node: NodeId) -> Box<dyn Policy> {
         match &self.model {

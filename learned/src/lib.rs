@@ -66,7 +66,6 @@ pub struct Model {
     output: usize,
     column: usize,
     path: String,
-    bytes: usize,
 }
 
 impl Model {
@@ -140,7 +139,6 @@ impl Model {
             output,
             column,
             path: path.clone(),
-            bytes: bytes.len(),
         };
         // One run on zeros: a model that cannot run, or says nothing a probability,
         // fails here rather than at the guest's first fault.
@@ -162,11 +160,6 @@ impl Model {
     /// The file this model came from.
     pub fn path(&self) -> &str {
         &self.path
-    }
-
-    /// Its size in bytes.
-    pub fn bytes(&self) -> usize {
-        self.bytes
     }
 
     /// Scratch space for [`predict`](Model::predict): one per thread.
@@ -302,10 +295,6 @@ impl Learned {
             state,
             errors: 0,
         })
-    }
-
-    pub fn model(&self) -> &Arc<Model> {
-        &self.model
     }
 }
 
