@@ -46,6 +46,14 @@ pub struct AbArgs {
     /// Skip the replay arm.
     #[arg(long)]
     pub no_replay: bool,
+    /// Cluster shapes of the replay arm, NODESxCPUS, comma-separated (default: each
+    /// trace's own). Other than the recorded shape, the guest starts with its vCPUs
+    /// round-robin and its RAM interleaved, as `dataset build` replays it.
+    #[arg(long, value_delimiter = ',')]
+    pub shapes: Vec<String>,
+    /// One-way link latency of the replay arm, µs (default: the recorded run's).
+    #[arg(long, value_name = "US", value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    pub link_us: Option<u64>,
     /// Write report.md, ratio.svg and stall.svg here (created if missing).
     #[arg(long, value_name = "DIR")]
     pub report: Option<PathBuf>,
@@ -71,6 +79,21 @@ struct Row {
     ratio: Option<f64>,
     interval: Option<(f64, f64)>,
     error: Option<String>,
+}
+
+impl Row {
+    fn new(arm: &'static str, name: String) -> Row {
+        Row {
+            arm,
+            name,
+            a_ms: Vec::new(),
+            b_ms: Vec::new(),
+            stall: [(0.0, 0.0); 2],
+            ratio: None,
+            interval: None,
+            error: None,
+        }
+    }
 }
 
 /// A small seeded generator (SplitMix64) for the bootstrap.
@@ -121,6 +144,9 @@ pub fn ab(a: AbArgs) -> Result<i32> {
     let sides = [choice(&a, &a.a, 1)?, choice(&a, &a.b, 1)?];
     if a.no_live && a.no_replay {
         bail!("--no-live and --no-replay leave nothing to compare");
+    }
+    for s in &a.shapes {
+        crate::dataset::parse_shape(s).map_err(|e| anyhow!("--shapes: {e}"))?;
     }
     let names: Vec<String> = if a.workloads.is_empty() {
         FIDELITY_ARGS.iter().map(|(w, _)| w.to_string()).collect()
@@ -190,16 +216,7 @@ fn live(a: &AbArgs, name: &str) -> Result<Row> {
         transport: "tcp",
         model: a.model.as_deref(),
     };
-    let mut row = Row {
-        arm: "live",
-        name: name.to_string(),
-        a_ms: Vec::new(),
-        b_ms: Vec::new(),
-        stall: [(0.0, 0.0); 2],
-        ratio: None,
-        interval: None,
-        error: None,
-    };
+    let mut row = Row::new("live", name.to_string());
     let mut stalls: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
     'pairs: for _ in 0..a.pairs {
         for (k, policy) in [&a.a, &a.b].into_iter().enumerate() {
@@ -239,7 +256,7 @@ fn live(a: &AbArgs, name: &str) -> Result<Row> {
 }
 
 /// The traces of `dir` that hold a reference stream of one of `names`, sorted.
-fn reference_traces(
+pub(crate) fn reference_traces(
     dir: &Path,
     names: &[String],
 ) -> Result<Vec<(PathBuf, flotilla_telemetry::trace::Trace)>> {
@@ -275,60 +292,75 @@ fn replayed(a: &AbArgs, sides: &[crate::policy::Choice; 2], names: &[String]) ->
         );
     }
     let calibration = read_calibration(&a.traces)?;
+    let shapes = a
+        .shapes
+        .iter()
+        .map(|s| crate::dataset::parse_shape(s))
+        .collect::<Result<Vec<_>>>()?;
     let mut rows = Vec::new();
     for (path, t) in traces {
-        let shape = flotilla_sim::Shape::new(
-            t.meta.nodes,
-            t.meta
-                .run
-                .as_ref()
-                .and_then(|r| r.cpu_sets.first().map(|s| s.len() as u32))
-                .filter(|&c| c > 0)
-                .unwrap_or(1),
-        );
         let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let costs = calibrated(&t, calibration.get(file))
-            .map_err(|e| anyhow!("calibrating on {}: {e}", path.display()))?;
-        let mut row = Row {
-            arm: "replay",
-            name: format!("{} {}n", t.meta.workload, t.meta.nodes),
-            a_ms: Vec::new(),
-            b_ms: Vec::new(),
-            stall: [(0.0, 0.0); 2],
-            ratio: None,
-            interval: None,
-            error: None,
+        let costs = match a.link_us {
+            Some(us) => crate::dataset::lab_costs(&t, file, &calibration, us)?,
+            None => calibrated(&t, calibration.get(file))
+                .map_err(|e| anyhow!("calibrating on {}: {e}", path.display()))?,
         };
-        for (k, side) in sides.iter().enumerate() {
-            let side = side.with_seed(t.meta.seed);
-            match flotilla_sim::replay(&t, &shape, &costs, |n| side.make(n)) {
-                Ok(o) => {
-                    let moves = o.vcpu_moves as f64 * costs.move_ns as f64 / 1e6;
-                    row.stall[k] = ((o.stall_ms - moves).max(0.0), moves);
-                    if k == 0 {
-                        row.a_ms.push(o.wall_ms)
-                    } else {
-                        row.b_ms.push(o.wall_ms)
-                    }
-                }
-                Err(e) => row.error = Some(format!("{}: {e}", side.name)),
-            }
+        let recorded = crate::dataset::recorded_shape(&t);
+        let mine = if shapes.is_empty() {
+            vec![recorded]
+        } else {
+            shapes.clone()
+        };
+        for (nodes, cpus) in mine {
+            let shape = crate::dataset::lab_shape(&t, nodes, cpus);
+            let name = if shapes.is_empty() {
+                format!("{} {}n", t.meta.workload, t.meta.nodes)
+            } else {
+                format!("{} {}n@{nodes}x{cpus}", t.meta.workload, t.meta.nodes)
+            };
+            rows.push(replay_row(&t, &shape, &costs, sides, name));
         }
-        if row.error.is_none() {
-            let r = row.b_ms[0] / row.a_ms[0];
-            row.ratio = Some(r);
-            row.interval = Some((r, r));
-        }
-        rows.push(row);
     }
     Ok(rows)
+}
+
+/// Trace `t` replayed under both sides on `shape`.
+fn replay_row(
+    t: &flotilla_telemetry::trace::Trace,
+    shape: &flotilla_sim::Shape,
+    costs: &flotilla_sim::Costs,
+    sides: &[crate::policy::Choice; 2],
+    name: String,
+) -> Row {
+    let mut row = Row::new("replay", name);
+    for (k, side) in sides.iter().enumerate() {
+        let side = side.with_seed(t.meta.seed);
+        match flotilla_sim::replay(t, shape, costs, |n| side.make(n)) {
+            Ok(o) => {
+                let moves = o.vcpu_moves as f64 * costs.move_ns as f64 / 1e6;
+                row.stall[k] = ((o.stall_ms - moves).max(0.0), moves);
+                if k == 0 {
+                    row.a_ms.push(o.wall_ms)
+                } else {
+                    row.b_ms.push(o.wall_ms)
+                }
+            }
+            Err(e) => row.error = Some(format!("{}: {e}", side.name)),
+        }
+    }
+    if row.error.is_none() {
+        let r = row.b_ms[0] / row.a_ms[0];
+        row.ratio = Some(r);
+        row.interval = Some((r, r));
+    }
+    row
 }
 
 /// `calibration.json` of a trace directory, if it has one: per trace file, the measured
 /// run time on one node pinned to one CPU (`one_node_ms`) and the medians of a plain (unrecorded) run of the same
 /// configuration (`costs`, the field names of a trace's run costs). `datasets/record.py`
 /// writes it.
-fn read_calibration(dir: &Path) -> Result<serde_json::Map<String, Value>> {
+pub(crate) fn read_calibration(dir: &Path) -> Result<serde_json::Map<String, Value>> {
     let p = dir.join("calibration.json");
     match std::fs::read_to_string(&p) {
         Ok(text) => match serde_json::from_str(&text) {

@@ -25,6 +25,28 @@ pub enum Bench {
     /// Simulator fidelity: every workload live on the pinned 2-node testbed under every
     /// policy, against replays of one reference stream per workload.
     SimFidelity(FidelityArgs),
+    /// Decision latency of every policy (p50/p99 ns of `decide`), on the faults of a
+    /// trace replayed in the simulator.
+    Policy(PolicyBenchArgs),
+}
+
+#[derive(Args)]
+pub struct PolicyBenchArgs {
+    /// Print exactly one JSON object on stdout.
+    #[arg(long)]
+    json: bool,
+    /// The trace whose faults are decided (replayed on its recorded shape).
+    #[arg(long, default_value = "datasets/traces/bfs-4n-always-page.ftrace.gz")]
+    trace: std::path::PathBuf,
+    /// Comma-separated policies (`learned` needs --model).
+    #[arg(long, value_delimiter = ',', default_values_t = ["always-page", "always-vcpu", "random", "heuristic", "numa-balancing", "tidalscale", "elasticos", "learned"].map(String::from))]
+    policies: Vec<String>,
+    /// The model of `learned` (without it, `learned` is left out and says so).
+    #[arg(long, value_name = "FILE")]
+    model: Option<std::path::PathBuf>,
+    /// Replays of the trace per policy; every decision of every replay is timed.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=100))]
+    runs: u64,
 }
 
 #[derive(Args)]
@@ -189,6 +211,7 @@ pub fn bench(b: Bench) -> Result<i32> {
         Bench::Scaling(a) => scaling(a),
         Bench::Replay(a) => replay_bench(a),
         Bench::SimFidelity(a) => sim_fidelity(a),
+        Bench::Policy(a) => policy_bench(a),
     }
 }
 
@@ -1119,7 +1142,7 @@ fn sim_fidelity_in(a: &FidelityArgs, names: &[String], dir: &std::path::Path) ->
             &shape,
             &costs,
             flotilla_sim::Decider::Oracle,
-            flotilla_sim::DEFAULT_HORIZON,
+            flotilla_sim::LookAhead::fixed(flotilla_sim::DEFAULT_HORIZON),
             false,
         )
         .map_err(|e| anyhow!("replaying {name} under the oracle: {e}"))?;
@@ -1169,6 +1192,119 @@ fn sim_fidelity_in(a: &FidelityArgs, names: &[String], dir: &std::path::Path) ->
             agreement.map_or("-".into(), |g| format!("{g:.2}")),
             live_all.len()
         ));
+    }
+    Ok(0)
+}
+
+/// Times every `decide` of the policy it wraps into a shared list (ns).
+struct Timed {
+    inner: Box<dyn flotilla_placement::Policy>,
+    ns: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+    local: Vec<u32>,
+}
+
+impl flotilla_placement::Policy for Timed {
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn decide(&mut self, f: &flotilla_placement::FaultContext<'_>) -> flotilla_placement::Decision {
+        let t = std::time::Instant::now();
+        let d = self.inner.decide(f);
+        self.local
+            .push(t.elapsed().as_nanos().min(u32::MAX as u128) as u32);
+        d
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        if let Ok(mut all) = self.ns.lock() {
+            all.append(&mut self.local);
+        }
+    }
+}
+
+/// The `q` quantile of sorted `v`.
+fn quantile(v: &[u32], q: f64) -> u32 {
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+fn policy_bench(a: PolicyBenchArgs) -> Result<i32> {
+    let trace = flotilla_telemetry::trace::read_file(&a.trace)
+        .map_err(|e| anyhow!("trace {}: {e}", a.trace.display()))?;
+    let (nodes, cpus) = crate::dataset::recorded_shape(&trace);
+    let shape = flotilla_sim::Shape::new(nodes, cpus);
+    let costs = flotilla_sim::Costs::from_trace(&trace);
+    // What the clock itself costs: two reads back to back.
+    let mut clock: Vec<u32> = (0..100_000)
+        .map(|_| {
+            let t = std::time::Instant::now();
+            t.elapsed().as_nanos() as u32
+        })
+        .collect();
+    clock.sort_unstable();
+    let mut rows = Vec::new();
+    for name in &a.policies {
+        if name == flotilla_placement::LEARNED && a.model.is_none() {
+            crate::say_err("bench policy: learned left out (give --model FILE)");
+            continue;
+        }
+        let model = (name == flotilla_placement::LEARNED)
+            .then_some(a.model.as_deref())
+            .flatten();
+        let choice = crate::policy::Choice::new(name, trace.meta.seed, model)?;
+        let ns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        for _ in 0..a.runs {
+            flotilla_sim::replay(&trace, &shape, &costs, |n| {
+                Box::new(Timed {
+                    inner: choice.make(n),
+                    ns: ns.clone(),
+                    local: Vec::new(),
+                })
+            })
+            .map_err(|e| anyhow!("replaying {} under {name}: {e}", a.trace.display()))?;
+        }
+        let mut v = std::mem::take(&mut *ns.lock().map_err(|_| anyhow!("poisoned"))?);
+        if v.is_empty() {
+            bail!("{}: no fault was decided under {name}", a.trace.display());
+        }
+        v.sort_unstable();
+        let mean = v.iter().map(|&x| x as f64).sum::<f64>() / v.len() as f64;
+        rows.push(json!({
+            "policy": name,
+            "decisions": v.len(),
+            "p50_ns": quantile(&v, 0.5),
+            "p99_ns": quantile(&v, 0.99),
+            "max_ns": v[v.len() - 1],
+            "mean_ns": mean.round(),
+        }));
+    }
+    let out = json!({
+        "trace": a.trace.display().to_string(),
+        "nodes": nodes,
+        "cpus_per_node": cpus,
+        "clock_p50_ns": quantile(&clock, 0.5),
+        "policies": rows,
+    });
+    if a.json {
+        crate::say(&out.to_string());
+    } else {
+        crate::say(&format!(
+            "decision latency on {} ({nodes} nodes; timing includes the clock, p50 {} ns):",
+            a.trace.display(),
+            quantile(&clock, 0.5)
+        ));
+        crate::say("policy           decisions    p50 ns   p99 ns   max ns");
+        for r in &rows {
+            crate::say(&format!(
+                "{:<16} {:>9} {:>9} {:>8} {:>8}",
+                r["policy"].as_str().unwrap_or(""),
+                r["decisions"],
+                r["p50_ns"],
+                r["p99_ns"],
+                r["max_ns"]
+            ));
+        }
     }
     Ok(0)
 }

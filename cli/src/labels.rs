@@ -16,7 +16,8 @@ fn name(d: Decision) -> String {
 
 /// Writes `labels` as Parquet: `t_ns`, `vcpu`, `node`, `page`, `holder`, the features by
 /// name, `cost_page_ns`, `cost_vcpu_ns`, `best` (the cheaper, `move_page` on a tie) and
-/// `taken` (what the replay did). The key-value metadata says what was replayed.
+/// `taken` (what the replay did). The key-value metadata says what was replayed, with
+/// `extra` entries after the fixed ones.
 pub fn write(
     file: std::fs::File,
     labels: &[Label],
@@ -24,6 +25,7 @@ pub fn write(
     policy: &str,
     shape: &Shape,
     horizon: u64,
+    extra: &[(&str, String)],
 ) -> Result<(), String> {
     let ints = |f: fn(&Label) -> i64| Column::I64(labels.iter().map(f).collect());
     let mut columns = vec![
@@ -61,7 +63,7 @@ pub fn write(
         Column::Str(labels.iter().map(|l| name(l.taken)).collect()),
     ));
     let m = &trace.meta;
-    let meta = [
+    let mut meta = vec![
         ("workload", m.workload.clone()),
         ("args", m.args.clone()),
         ("recorded_policy", m.policy.clone()),
@@ -72,5 +74,6 @@ pub fn write(
         ("feature_version", FEATURE_VERSION.to_string()),
         ("features", FEATURE_NAMES.join(",")),
     ];
+    meta.extend(extra.iter().cloned());
     write_table_parquet(file, &columns, &meta)
 }

@@ -8,13 +8,16 @@
 //! - `flotilla trace stats|export …`: recorded fault traces.
 //! - `flotilla replay TRACE …`: the trace-driven simulator; `--policy oracle`, `--labels`.
 //! - `flotilla ab --a P --b Q`: two policies compared, live and by replay.
+//! - `flotilla dataset build`, `flotilla train`: a learned policy from traces.
 
 mod ab;
 mod bench;
 mod config;
 mod cpus;
+mod dataset;
 mod labels;
 mod launch;
+mod learn;
 mod node;
 mod policy;
 mod replay;
@@ -22,6 +25,7 @@ mod report;
 mod run;
 mod sizing;
 mod trace;
+mod train;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -61,6 +65,15 @@ enum Command {
     /// Compare two placement policies: live on the pinned testbed (A B A B …) and by
     /// replay over a trace directory; a table, --json, or a report with plots.
     Ab(ab::AbArgs),
+    /// Training data for a learned policy: oracle-labelled faults of a trace directory.
+    #[command(subcommand)]
+    Dataset(dataset::DatasetCmd),
+    /// Train a placement model (logistic or tree ensemble) on `dataset build`'s output
+    /// and write it as ONNX for `--policy learned --model`.
+    Train(train::TrainArgs),
+    /// The loop in one command: dataset, leave-one-workload-out training and held-out
+    /// A/B by replay, and a final model with its card.
+    Learn(learn::LearnArgs),
 }
 
 fn main() {
@@ -100,6 +113,9 @@ fn dispatch(cli: Cli) -> Result<i32> {
         Command::Trace(t) => trace::trace(t),
         Command::Replay(r) => replay::replay(r),
         Command::Ab(a) => ab::ab(a),
+        Command::Dataset(d) => dataset::dataset(d),
+        Command::Train(t) => train::train(t),
+        Command::Learn(l) => learn::learn(l),
     }
 }
 

@@ -68,3 +68,37 @@ impl Choice {
         }
     }
 }
+
+/// The continuation of look-aheads (`--continuation`): a stateless policy deciding the
+/// faults after the one being priced; `always-page` is the simulator's fixed continuation.
+pub struct Continuation {
+    choice: Option<Choice>,
+}
+
+impl Continuation {
+    /// `name` (with the model of `learned`), checked to keep no state of its own.
+    pub fn new(name: &str, seed: u64, model: Option<&Path>) -> Result<Continuation> {
+        if name == "always-page" {
+            return Ok(Continuation { choice: None });
+        }
+        let model = (name == LEARNED).then_some(model).flatten();
+        let c = Choice::new(name, seed, model).map_err(|e| anyhow!("--continuation: {e:#}"))?;
+        if c.make(0).fork().is_none() {
+            bail!(
+                "--continuation {name}: it keeps state of its own, which a look-ahead cannot rewind; use always-page, always-vcpu, heuristic or learned"
+            );
+        }
+        Ok(Continuation { choice: Some(c) })
+    }
+
+    /// The simulator's look-ahead of `horizon` touches with this continuation.
+    pub fn look_ahead(&self, horizon: usize) -> flotilla_sim::LookAhead<'_> {
+        flotilla_sim::LookAhead {
+            horizon,
+            continuation: self
+                .choice
+                .as_ref()
+                .map(|c| Box::new(move |n| c.make(n)) as flotilla_sim::MakePolicy<'_>),
+        }
+    }
+}

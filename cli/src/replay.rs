@@ -56,6 +56,11 @@ pub struct ReplayArgs {
     /// Touches per vCPU each look-ahead plays (the oracle and --labels).
     #[arg(long, default_value_t = flotilla_sim::DEFAULT_HORIZON as u64, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub horizon: u64,
+    /// The policy that decides the later faults of each look-ahead (a stateless one:
+    /// always-page, always-vcpu, heuristic, learned): with it, a label is that policy's
+    /// cost-to-go after each choice (docs/simulator.md).
+    #[arg(long, default_value = "always-page", value_name = "POLICY")]
+    pub continuation: String,
     /// Print exactly one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -138,6 +143,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
     } else {
         flotilla_sim::Decider::Policy(&mut make)
     };
+    let cont = crate::policy::Continuation::new(&a.continuation, meta.seed, a.model.as_deref())?;
     let mut bar = Bar::new(started);
     let mut progress = |done, total| bar.update(done, total);
     let (out, labels) = if oracle || labels_file.is_some() {
@@ -146,7 +152,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
             &shape,
             &costs,
             decider,
-            a.horizon as usize,
+            cont.look_ahead(a.horizon as usize),
             labels_file.is_some(),
             &mut progress,
         )
@@ -157,7 +163,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
     .map_err(|e| anyhow!("replaying {}: {e}", a.trace.display()))?;
     bar.finish();
     if let (Some(file), Some(path)) = (labels_file, &a.labels) {
-        crate::labels::write(file, &labels, &trace, &policy, &shape, a.horizon)
+        crate::labels::write(file, &labels, &trace, &policy, &shape, a.horizon, &[])
             .map_err(|e| anyhow!("--labels {}: {e}", path.display()))?;
     }
     let took = started.elapsed().as_secs_f64();
@@ -263,4 +269,18 @@ impl Bar {
             b.finish_and_clear();
         }
     }
+}
+
+/// A bar counting `len` `what` on stderr when it is a terminal (else none).
+pub(crate) fn counting_bar(len: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(len);
+    let template = format!("{{elapsed_precise}} [{{bar:40}}] {{pos}}/{{len}} {what}, {{eta}} left");
+    if let Ok(style) = indicatif::ProgressStyle::with_template(&template) {
+        b.set_style(style);
+    }
+    Some(b)
 }

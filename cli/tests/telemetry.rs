@@ -909,7 +909,7 @@ fn a_policy_decides_a_lone_vcpus_faults_the_same_live_and_in_replay() {
         &flotilla_sim::Shape::new(2, 1),
         &flotilla_sim::Costs::from_trace(&trace),
         flotilla_sim::Decider::Policy(&mut make),
-        1,
+        flotilla_sim::LookAhead::fixed(1),
         true,
     )
     .unwrap();

@@ -13,9 +13,10 @@
 //!
 //! [`Model::load`] checks all of that, optimizes the graph for one row, and runs it once
 //! on a zero vector, so a bad model is a clear error at node start, before a guest runs.
-//! [`onnx`] writes such files.
+//! [`onnx`] writes such files; [`train`] fits them with linfa.
 
 pub mod onnx;
+pub mod train;
 
 use flotilla_placement::features::{features, FEATURE_COUNT, FEATURE_NAMES, FEATURE_VERSION};
 use flotilla_placement::{Decision, FaultContext, Policy};
@@ -274,9 +275,10 @@ fn probabilities(model: &TypedModel) -> Result<(usize, usize), String> {
 }
 
 /// `--policy learned`: asks the model at every decided fault, and moves the vCPU when it
-/// gives that better than even odds, unless the move would pile vCPUs on a node while
-/// this one idles ([`FaultContext::would_pile_up`], the load rule every policy keeps).
-/// One per vCPU thread ([`Policy::fork`]), so decisions share no lock.
+/// gives that better than even odds. No load rule is laid on top: the model sees the
+/// loads (`would_pile_up`, `room_on_holder`, the vCPU counts) and its labels priced the
+/// CPU contention a move causes, so gathering vCPUs is its call, costed. One per vCPU
+/// thread ([`Policy::fork`]), so decisions share no lock.
 pub struct Learned {
     model: Arc<Model>,
     state: TypedSimpleState,
@@ -305,7 +307,7 @@ impl Policy for Learned {
 
     fn decide(&mut self, f: &FaultContext<'_>) -> Decision {
         match self.model.predict(&mut self.state, &features(f)) {
-            Ok(p) if p > 0.5 && !f.would_pile_up(f.holder) => Decision::MoveVcpu,
+            Ok(p) if p > 0.5 => Decision::MoveVcpu,
             Ok(_) => Decision::MovePage,
             Err(_) => {
                 self.errors += 1;

@@ -59,6 +59,12 @@ impl Policy for Heuristic {
         }
         Decision::MovePage
     }
+
+    /// It keeps no state of its own (the vCPU's history is the engine's): every vCPU
+    /// thread may decide with its own copy, without a lock.
+    fn fork(&self) -> Option<Box<dyn Policy>> {
+        Some(Box::new(self.clone()))
+    }
 }
 
 #[cfg(test)]

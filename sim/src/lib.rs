@@ -61,7 +61,9 @@ type PageMap<V> = HashMap<u64, V, BuildHasherDefault<PageHasher>>;
 type PageSet = HashSet<u64, BuildHasherDefault<PageHasher>>;
 
 pub use flotilla_coherence::Decision;
-pub use oracle::{replay_labelled, replay_labelled_with, Decider, Label, DEFAULT_HORIZON};
+pub use oracle::{
+    replay_labelled, replay_labelled_with, Decider, Label, LookAhead, MakePolicy, DEFAULT_HORIZON,
+};
 
 mod oracle;
 
@@ -197,6 +199,8 @@ pub enum SimError {
     Page { page: u64, mem_bytes: u64 },
     #[error("a look-ahead needs a horizon of at least one touch")]
     Horizon,
+    #[error("policy {0} keeps state of its own, so it cannot continue a look-ahead (which is played and rewound): use a stateless policy, such as heuristic or always-page")]
+    StatefulContinuation(&'static str),
     #[error("the directory refused a step (a simulator bug): {0}")]
     Protocol(String),
 }
@@ -1071,15 +1075,16 @@ impl Sim {
     }
 
     /// What deciding `f` (of step `s`) as `decision` costs over the next `horizon`
-    /// touches of every vCPU, every later fault bringing the page (the fixed
-    /// continuation): the sum of the vCPUs' clocks once each has made them, in ns. The
-    /// simulation is left as it was.
+    /// touches of every vCPU, later faults decided by `continuation` (one stateless
+    /// policy per node), or each bringing the page without one: the sum of the vCPUs'
+    /// clocks once each has made them, in ns. The simulation is left as it was.
     pub(crate) fn look_ahead(
         &mut self,
         s: Step,
         f: Fault,
         decision: Decision,
         horizon: usize,
+        mut continuation: Option<&mut [Box<dyn Policy>]>,
     ) -> Result<u64, SimError> {
         let saved = self.save();
         let limit: Vec<usize> = self
@@ -1096,7 +1101,16 @@ impl Sim {
                     // Past its horizon: this vCPU stops here, still runnable.
                     continue;
                 }
-                let fault = self.fault(&next).map(|f| (f, Decision::MovePage));
+                let fault = self.fault(&next).map(|f| {
+                    let d = match continuation.as_deref_mut() {
+                        Some(p) if self.decided(&next, &f) => {
+                            let fc = self.context(&next, &f);
+                            p[fc.node as usize].decide(&fc)
+                        }
+                        _ => Decision::MovePage,
+                    };
+                    (f, d)
+                });
                 self.serve(next, fault)?;
             }
             Ok(self.clocks())

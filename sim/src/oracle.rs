@@ -2,14 +2,19 @@
 //!
 //! At every fault a policy decides, the simulator can play both choices forward: serve
 //! the fault by bringing the page, or by moving the vCPU, then run the next `horizon`
-//! touches of every vCPU with a fixed continuation (every later fault brings the page),
-//! and add up what the vCPUs' clocks advanced. The cheaper choice is the oracle's
-//! decision; the two costs are the fault's label.
+//! touches of every vCPU with a continuation ([`LookAhead`]: every later fault brings the
+//! page, or a stateless policy decides the later faults), and add up what the vCPUs'
+//! clocks advanced. The cheaper choice is the oracle's decision; the two costs are the
+//! fault's label.
 //!
-//! The look-ahead is myopic by design (a fixed continuation, a bounded horizon): it is
-//! the cost a decision causes soon, not the best of all futures. What it can still miss:
-//! a vCPU move that pays off only beyond the horizon, and a page move whose harm is
-//! a bounce far later.
+//! With a policy π as the continuation, the two costs are π's cost-to-go after each
+//! choice (a rollout): the choice that is cheaper is a one-step improvement on π, which
+//! is what a learned policy trained on such labels can aim at. With the fixed
+//! continuation the labels cannot see that a policy moving vCPUs keeps moving them.
+//!
+//! The look-ahead is myopic by design (a bounded horizon): it is the cost a decision
+//! causes soon, not the best of all futures. What it can still miss: a vCPU move that
+//! pays off only beyond the horizon, and a page move whose harm is a bounce far later.
 
 use crate::{Decision, Outcome, Shape, Sim, SimError};
 use flotilla_placement::features::{features, FEATURE_COUNT};
@@ -39,6 +44,28 @@ pub struct Label {
     pub taken: Decision,
 }
 
+/// Builds node `n`'s policy.
+pub type MakePolicy<'a> = Box<dyn FnMut(NodeId) -> Box<dyn Policy> + 'a>;
+
+/// How a look-ahead plays the future after the choice it prices.
+pub struct LookAhead<'a> {
+    /// Touches per vCPU.
+    pub horizon: usize,
+    /// Builds node `n`'s policy for the later faults (it must keep no state of its own:
+    /// [`Policy::fork`] is `Some`); `None`: every later fault brings the page.
+    pub continuation: Option<MakePolicy<'a>>,
+}
+
+impl LookAhead<'static> {
+    /// `horizon` touches, every later fault bringing the page.
+    pub fn fixed(horizon: usize) -> LookAhead<'static> {
+        LookAhead {
+            horizon,
+            continuation: None,
+        }
+    }
+}
+
 /// Who decides the faults of a labelled replay.
 pub enum Decider<'a> {
     /// The cheaper choice by look-ahead.
@@ -48,24 +75,17 @@ pub enum Decider<'a> {
 }
 
 /// Replays `trace` on `shape` with `costs`, decided by `decider`; with `labels`, every
-/// decided fault's [`Label`]. The oracle looks ahead whether or not it labels.
+/// decided fault's [`Label`], priced by `look`. The oracle looks ahead whether or not it
+/// labels.
 pub fn replay_labelled(
     trace: &Trace,
     shape: &Shape,
     costs: &crate::Costs,
     decider: Decider<'_>,
-    horizon: usize,
+    look: LookAhead<'_>,
     labels: bool,
 ) -> Result<(Outcome, Vec<Label>), SimError> {
-    replay_labelled_with(
-        trace,
-        shape,
-        costs,
-        decider,
-        horizon,
-        labels,
-        &mut |_, _| {},
-    )
+    replay_labelled_with(trace, shape, costs, decider, look, labels, &mut |_, _| {})
 }
 
 /// [`replay_labelled`] with a progress callback, as [`crate::replay_with`].
@@ -74,14 +94,21 @@ pub fn replay_labelled_with(
     shape: &Shape,
     costs: &crate::Costs,
     decider: Decider<'_>,
-    horizon: usize,
+    look: LookAhead<'_>,
     labels: bool,
     progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(Outcome, Vec<Label>), SimError> {
+    let horizon = look.horizon;
     if horizon == 0 {
         return Err(SimError::Horizon);
     }
     let mut sim = Sim::new(trace, shape, costs)?;
+    let mut continuation: Option<Vec<Box<dyn Policy>>> = look
+        .continuation
+        .map(|mut make| (0..shape.nodes).map(&mut make).collect());
+    if let Some(p) = continuation.iter().flatten().find(|p| p.fork().is_none()) {
+        return Err(SimError::StatefulContinuation(p.name()));
+    }
     let mut policies: Option<Vec<Box<dyn Policy>>> = match decider {
         Decider::Oracle => None,
         Decider::Policy(make) => Some((0..shape.nodes).map(make).collect()),
@@ -108,8 +135,20 @@ pub fn replay_labelled_with(
         };
         let looked = if labels || chosen.is_none() {
             let now: u64 = sim.clocks();
-            let page = sim.look_ahead(s, f, Decision::MovePage, horizon)?;
-            let vcpu = sim.look_ahead(s, f, Decision::MoveVcpu, horizon)?;
+            let page = sim.look_ahead(
+                s,
+                f,
+                Decision::MovePage,
+                horizon,
+                continuation.as_deref_mut(),
+            )?;
+            let vcpu = sim.look_ahead(
+                s,
+                f,
+                Decision::MoveVcpu,
+                horizon,
+                continuation.as_deref_mut(),
+            )?;
             Some((page.saturating_sub(now), vcpu.saturating_sub(now)))
         } else {
             None

@@ -255,8 +255,15 @@ fn looking_ahead_leaves_the_replay_as_it_was() {
     for policy in ["always-page", "heuristic", "random"] {
         let plain = run(&t, policy);
         let mut make = |n| by_name(policy, 1, n).unwrap();
-        let (labelled, labels) =
-            replay_labelled(&t, &shape(), &COSTS, Decider::Policy(&mut make), 8, true).unwrap();
+        let (labelled, labels) = replay_labelled(
+            &t,
+            &shape(),
+            &COSTS,
+            Decider::Policy(&mut make),
+            LookAhead::fixed(8),
+            true,
+        )
+        .unwrap();
         assert_eq!(
             plain, labelled,
             "{policy}: the labels' look-aheads changed the replay"
@@ -304,8 +311,15 @@ fn the_oracle_moves_a_vcpu_to_its_data_and_brings_a_stray_page() {
                 .collect::<Vec<_>>(),
         ),
     );
-    let (o, labels) =
-        replay_labelled(&t, &shape(), &COSTS, Decider::Oracle, DEFAULT_HORIZON, true).unwrap();
+    let (o, labels) = replay_labelled(
+        &t,
+        &shape(),
+        &COSTS,
+        Decider::Oracle,
+        LookAhead::fixed(DEFAULT_HORIZON),
+        true,
+    )
+    .unwrap();
     assert_eq!(o.vcpu_moves, 1, "{o:?}");
     assert_eq!(labels[0].taken, Decision::MoveVcpu);
     assert!(
@@ -321,13 +335,20 @@ fn the_oracle_moves_a_vcpu_to_its_data_and_brings_a_stray_page() {
         &shape(),
         &COSTS,
         Decider::Oracle,
-        DEFAULT_HORIZON,
+        LookAhead::fixed(DEFAULT_HORIZON),
         true,
     )
     .unwrap();
     assert_eq!((o.vcpu_moves, o.page_moves), (0, 1), "{o:?}");
     assert_eq!(labels[0].taken, Decision::MovePage);
-    let e = replay_labelled(&t, &shape(), &COSTS, Decider::Oracle, 0, false);
+    let e = replay_labelled(
+        &t,
+        &shape(),
+        &COSTS,
+        Decider::Oracle,
+        LookAhead::fixed(0),
+        false,
+    );
     assert!(matches!(e, Err(SimError::Horizon)));
 }
 

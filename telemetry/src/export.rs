@@ -201,14 +201,19 @@ pub enum Column {
     Str(Vec<String>),
 }
 
-#[cfg(feature = "parquet")]
 impl Column {
-    fn len(&self) -> usize {
+    /// Rows in the column.
+    pub fn len(&self) -> usize {
         match self {
             Column::I64(v) => v.len(),
             Column::F32(v) => v.len(),
             Column::Str(v) => v.len(),
         }
+    }
+
+    /// True when the column has no rows.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -301,6 +306,116 @@ pub fn write_table_parquet(
     Ok(())
 }
 
+/// A table read back by [`read_table_parquet`]: its columns in file order and its
+/// key-value metadata.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Table {
+    pub columns: Vec<(String, Column)>,
+    pub metadata: Vec<(String, String)>,
+    pub rows: usize,
+}
+
+impl Table {
+    /// The column called `name`.
+    pub fn column(&self, name: &str) -> Option<&Column> {
+        self.columns.iter().find(|(n, _)| n == name).map(|(_, c)| c)
+    }
+
+    /// The metadata value of `key`.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.metadata
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads a flat table as [`write_table_parquet`] writes it (required INT64, FLOAT and UTF-8
+/// BYTE_ARRAY columns), for training on `flotilla replay --labels` files. Anything else
+/// (nested or optional columns, other types, invalid UTF-8, a file that is not Parquet) is
+/// an error naming the problem.
+#[cfg(feature = "parquet")]
+pub fn read_table_parquet(file: std::fs::File) -> Result<Table, String> {
+    use parquet::basic::Repetition;
+    use parquet::column::reader::ColumnReader;
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+
+    let e = |e: parquet::errors::ParquetError| format!("reading parquet: {e}");
+    let reader = SerializedFileReader::new(file).map_err(e)?;
+    let meta = reader.metadata();
+    let file_meta = meta.file_metadata();
+    let schema = file_meta.schema_descr();
+    let mut columns: Vec<(String, Column)> = Vec::new();
+    for c in schema.columns() {
+        let name = c.name().to_string();
+        if c.max_rep_level() != 0
+            || c.max_def_level() != 0
+            || c.self_type().get_basic_info().repetition() != Repetition::REQUIRED
+        {
+            return Err(format!("column {name}: not a flat required column"));
+        }
+        let col = match c.physical_type() {
+            parquet::basic::Type::INT64 => Column::I64(Vec::new()),
+            parquet::basic::Type::FLOAT => Column::F32(Vec::new()),
+            parquet::basic::Type::BYTE_ARRAY => Column::Str(Vec::new()),
+            other => {
+                return Err(format!(
+                    "column {name}: type {other} is not INT64, FLOAT or UTF-8"
+                ))
+            }
+        };
+        columns.push((name, col));
+    }
+    let rows = usize::try_from(file_meta.num_rows())
+        .map_err(|_| "reading parquet: negative row count".to_string())?;
+    for g in 0..reader.num_row_groups() {
+        let group = reader.get_row_group(g).map_err(e)?;
+        let n = usize::try_from(group.metadata().num_rows()).unwrap_or(0);
+        for (j, (name, col)) in columns.iter_mut().enumerate() {
+            let bad =
+                |got: usize| format!("column {name}: row group {g} holds {got} of {n} values");
+            let got = match (group.get_column_reader(j).map_err(e)?, col) {
+                (ColumnReader::Int64ColumnReader(mut r), Column::I64(v)) => {
+                    r.read_records(n, None, None, v).map_err(e)?.0
+                }
+                (ColumnReader::FloatColumnReader(mut r), Column::F32(v)) => {
+                    r.read_records(n, None, None, v).map_err(e)?.0
+                }
+                (ColumnReader::ByteArrayColumnReader(mut r), Column::Str(v)) => {
+                    let mut raw = Vec::with_capacity(n);
+                    let got = r.read_records(n, None, None, &mut raw).map_err(e)?.0;
+                    for b in raw {
+                        let s = std::str::from_utf8(b.data())
+                            .map_err(|_| format!("column {name}: a value is not UTF-8"))?;
+                        v.push(s.to_string());
+                    }
+                    got
+                }
+                _ => return Err(format!("column {name}: reader of another type")),
+            };
+            if got != n {
+                return Err(bad(got));
+            }
+        }
+    }
+    if let Some((name, _)) = columns.iter().find(|(_, c)| c.len() != rows) {
+        return Err(format!("column {name}: not {rows} rows long"));
+    }
+    let metadata = file_meta
+        .key_value_metadata()
+        .map(|kv| {
+            kv.iter()
+                .map(|k| (k.key.clone(), k.value.clone().unwrap_or_default()))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(Table {
+        columns,
+        metadata,
+        rows,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +453,30 @@ mod tests {
             lines[1],
             "5,remote_fault,0,1,1024,write,4660,1,-1,move_vcpu,77,1,0,0"
         );
+    }
+
+    #[cfg(feature = "parquet")]
+    #[test]
+    fn a_table_reads_back_as_written_and_a_bad_file_is_an_error() {
+        let dir = std::env::temp_dir().join(format!("flotilla-table-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("t.parquet");
+        let columns = [
+            ("a", Column::I64(vec![1, -2, 3])),
+            ("b", Column::F32(vec![0.5, 1.5, -2.0])),
+            ("c", Column::Str(vec!["x".into(), "".into(), "zz".into()])),
+        ];
+        let meta = [("feature_version", "1".to_string())];
+        write_table_parquet(std::fs::File::create(&path).unwrap(), &columns, &meta).unwrap();
+        let t = read_table_parquet(std::fs::File::open(&path).unwrap()).unwrap();
+        assert_eq!(t.rows, 3);
+        assert_eq!(t.meta("feature_version"), Some("1"));
+        for (name, c) in &columns {
+            assert_eq!(t.column(name), Some(c), "{name}");
+        }
+        std::fs::write(&path, b"PAR1 not really").unwrap();
+        let err = read_table_parquet(std::fs::File::open(&path).unwrap()).unwrap_err();
+        assert!(err.contains("parquet"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
