@@ -67,18 +67,28 @@ pub struct AbArgs {
 
 /// One workload's comparison in one arm.
 #[derive(Debug, Clone)]
-struct Row {
+pub(crate) struct Row {
     arm: &'static str,
     /// The workload, and for replay the trace's nodes (`bfs 4n`).
     name: String,
-    a_ms: Vec<f64>,
-    b_ms: Vec<f64>,
+    pub(crate) a_ms: Vec<f64>,
+    pub(crate) b_ms: Vec<f64>,
     /// Summed fault stall and vCPU-move stall, ms, per arm (A, B); live: estimated as
     /// counts × the run's medians.
     stall: [(f64, f64); 2],
-    ratio: Option<f64>,
-    interval: Option<(f64, f64)>,
-    error: Option<String>,
+    pub(crate) ratio: Option<f64>,
+    pub(crate) interval: Option<(f64, f64)>,
+    pub(crate) error: Option<String>,
+}
+
+/// The live arm's configuration: A and B, the model of a learned side, pairs, the
+/// bootstrap's seed.
+pub(crate) struct LiveArm<'a> {
+    pub a: &'a str,
+    pub b: &'a str,
+    pub model: Option<&'a Path>,
+    pub pairs: u32,
+    pub seed: u64,
 }
 
 impl Row {
@@ -166,7 +176,14 @@ pub fn ab(a: AbArgs) -> Result<i32> {
     if !a.no_live {
         crate::cpus::layout(&crate::cpus::allowed()?, 2, 1)?;
         for name in &names {
-            let row = live(&a, name)?;
+            let arm = LiveArm {
+                a: &a.a,
+                b: &a.b,
+                model: a.model.as_deref(),
+                pairs: a.pairs,
+                seed: a.seed,
+            };
+            let row = live(&arm, name)?;
             progress(&a, &row);
             rows.push(row);
         }
@@ -209,17 +226,18 @@ fn progress(a: &AbArgs, r: &Row) {
     }
 }
 
-fn live(a: &AbArgs, name: &str) -> Result<Row> {
+/// Workload `name` live on the pinned testbed, A and B interleaved.
+pub(crate) fn live(a: &LiveArm, name: &str) -> Result<Row> {
     let found = BenchWorkload::find(&FIDELITY_ARGS, name, 4)?;
     let w = Pinned {
         workload: &found,
         transport: "tcp",
-        model: a.model.as_deref(),
+        model: a.model,
     };
     let mut row = Row::new("live", name.to_string());
     let mut stalls: [Vec<(f64, f64)>; 2] = [Vec::new(), Vec::new()];
     'pairs: for _ in 0..a.pairs {
-        for (k, policy) in [&a.a, &a.b].into_iter().enumerate() {
+        for (k, policy) in [a.a, a.b].into_iter().enumerate() {
             match w.run_reported(2, policy, Duration::from_secs(300), Default::default()) {
                 Ok(r) => {
                     let costs = crate::launch::measured_costs(&r.samples);

@@ -52,9 +52,30 @@ pub struct LearnArgs {
     /// The final model's name (NAME.onnx, NAME.md).
     #[arg(long, default_value = "tree-v1")]
     pub name: String,
+    /// Also A/B live on the pinned testbed (2 nodes × 1 CPU, 4 vCPUs, TCP, `bench
+    /// sim-fidelity`'s sizes): each held-out model against every baseline, interleaved,
+    /// and the best baseline's median kept. Built-in workloads only.
+    #[arg(long)]
+    pub live: bool,
+    /// A-B pairs per (workload, baseline) of the live arm.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(5..=1000))]
+    pub pairs: u32,
     /// Print exactly one JSON object.
     #[arg(long)]
     pub json: bool,
+}
+
+/// One held-out workload live: the best baseline's runs and the learned policy's.
+#[derive(Debug, Clone)]
+struct LiveCell {
+    workload: String,
+    best: String,
+    best_ms: Vec<f64>,
+    learned_ms: Vec<f64>,
+    ratio: f64,
+    ci95: (f64, f64),
+    /// Every baseline's median, ms.
+    baselines: Vec<(String, f64)>,
 }
 
 /// One held-out (workload, shape): predicted run times.
@@ -96,6 +117,10 @@ pub fn learn(a: LearnArgs) -> Result<i32> {
     }
     if a.name.is_empty() || a.name.contains('/') {
         bail!("--name {}: a file name, without a directory", a.name);
+    }
+    if a.live {
+        crate::cpus::layout(&crate::cpus::allowed()?, 2, 1)
+            .map_err(|e| anyhow!("--live needs the pinned testbed: {e:#}"))?;
     }
     let data = a.work.join("data");
     let say = |s: &str| {
@@ -175,6 +200,14 @@ pub fn learn(a: LearnArgs) -> Result<i32> {
             cell(&a, name, path, trace, &calibration, shape, &folds[w].1)
         },
     )?;
+    let live = if a.live {
+        folds
+            .iter()
+            .map(|(g, model, _)| live_cell(&a, g, model))
+            .collect::<Result<Vec<_>>>()?
+    } else {
+        Vec::new()
+    };
     // The final model, on everything.
     std::fs::create_dir_all(&a.models)
         .with_context(|| format!("creating {}", a.models.display()))?;
@@ -200,7 +233,11 @@ pub fn learn(a: LearnArgs) -> Result<i32> {
     std::fs::write(&final_path, &t.bytes)
         .with_context(|| format!("writing {}", final_path.display()))?;
     let summary = summarise(&rows, &shapes, a.fit.seed);
-    let table = markdown(&rows, &summary, &shapes);
+    let mut table = markdown(&rows, &summary, &shapes);
+    let live_summary = (!live.is_empty()).then(|| live_summary(&live, a.fit.seed));
+    if let Some(s) = &live_summary {
+        table += &live_markdown(&live, s, a.pairs);
+    }
     let card = card(&a, &command, &manifest, &folds, &table, t.bytes.len());
     let card_path = a.models.join(format!("{}.md", a.name));
     std::fs::write(&card_path, card).with_context(|| format!("writing {}", card_path.display()))?;
@@ -224,6 +261,15 @@ pub fn learn(a: LearnArgs) -> Result<i32> {
             "ratio": crate::bench::round3(c.ratio()),
         })).collect::<Vec<_>>(),
         "summary": summary,
+        "live": live.iter().map(|c| json!({
+            "workload": c.workload, "best_heuristic": c.best,
+            "best_ms": c.best_ms.iter().copied().map(crate::bench::round3).collect::<Vec<_>>(),
+            "learned_ms": c.learned_ms.iter().copied().map(crate::bench::round3).collect::<Vec<_>>(),
+            "ratio": crate::bench::round3(c.ratio),
+            "ci95": [crate::bench::round3(c.ci95.0), crate::bench::round3(c.ci95.1)],
+            "baselines_median_ms": c.baselines.iter().map(|(n, ms)| (n.clone(), json!(crate::bench::round3(*ms)))).collect::<serde_json::Map<_, _>>(),
+        })).collect::<Vec<_>>(),
+        "live_summary": live_summary,
     });
     std::fs::write(a.work.join("learn.json"), out.to_string())
         .with_context(|| format!("writing {}", a.work.join("learn.json").display()))?;
@@ -283,6 +329,107 @@ fn cell(
     })
 }
 
+/// Held-out workload `w` live: its fold's model against every baseline, A B A B …
+fn live_cell(a: &LearnArgs, w: &str, model: &Path) -> Result<LiveCell> {
+    let mut best: Option<crate::ab::Row> = None;
+    let mut best_name = String::new();
+    let mut baselines = Vec::new();
+    for b in &a.baselines {
+        if !a.json {
+            crate::say_err(&format!("learn: live {w}, {b} against learned"));
+        }
+        let row = crate::ab::live(
+            &crate::ab::LiveArm {
+                a: b,
+                b: flotilla_placement::LEARNED,
+                model: Some(model),
+                pairs: a.pairs,
+                seed: a.fit.seed,
+            },
+            w,
+        )?;
+        if let Some(e) = &row.error {
+            bail!("live {w}: {e}");
+        }
+        let m = crate::bench::median(row.a_ms.clone());
+        baselines.push((b.clone(), m));
+        if best
+            .as_ref()
+            .is_none_or(|r| m < crate::bench::median(r.a_ms.clone()))
+        {
+            best = Some(row);
+            best_name = b.clone();
+        }
+    }
+    let r = best.ok_or_else(|| anyhow!("no baseline"))?;
+    Ok(LiveCell {
+        workload: w.to_string(),
+        best: best_name,
+        ratio: r.ratio.unwrap_or(f64::NAN),
+        ci95: r.interval.unwrap_or((f64::NAN, f64::NAN)),
+        best_ms: r.a_ms,
+        learned_ms: r.b_ms,
+        baselines,
+    })
+}
+
+fn live_summary(live: &[LiveCell], seed: u64) -> Value {
+    let logs: Vec<f64> = live.iter().map(|c| c.ratio.ln()).collect();
+    let (gm, lo, hi) = geomean_ci(&logs, seed);
+    json!({
+        "geomean_ratio": crate::bench::round3(gm),
+        "ci95": [crate::bench::round3(lo), crate::bench::round3(hi)],
+        "worst_ratio": crate::bench::round3(live.iter().map(|c| c.ratio).fold(f64::MIN, f64::max)),
+    })
+}
+
+fn live_markdown(live: &[LiveCell], s: &Value, pairs: u32) -> String {
+    let mut t = format!(
+        "\nLive, pinned 2 nodes × 1 CPU, 4 vCPUs, TCP; {pairs} pairs against each baseline, medians; \
+         95 % bootstrap interval of learned / best:\n\n\
+         | held-out workload | best heuristic live | its ms | learned ms | learned / best (95 % CI) | every baseline's median ms |\n|---|---|---|---|---|---|\n"
+    );
+    for c in live {
+        t += &format!(
+            "| {} | {} | {:.1} | {:.1} | {:.3} [{:.3}, {:.3}] | {} |\n",
+            c.workload,
+            c.best,
+            crate::bench::median(c.best_ms.clone()),
+            crate::bench::median(c.learned_ms.clone()),
+            c.ratio,
+            c.ci95.0,
+            c.ci95.1,
+            c.baselines
+                .iter()
+                .map(|(n, ms)| format!("{n} {ms:.1}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    t += &format!(
+        "\nGeometric mean of learned / best, live: {} [{}, {}] (95 % CI over workloads); worst {}.\n",
+        s["geomean_ratio"], s["ci95"][0], s["ci95"][1], s["worst_ratio"]
+    );
+    t
+}
+
+/// The geometric mean of `exp(logs)` with a 95 % bootstrap interval (resampling the
+/// entries, 2000 times, seeded).
+fn geomean_ci(logs: &[f64], seed: u64) -> (f64, f64, f64) {
+    let gm = |v: &[f64]| (v.iter().sum::<f64>() / v.len().max(1) as f64).exp();
+    let mut rng = fit::Rng(seed);
+    let mut boots: Vec<f64> = (0..2000)
+        .map(|_| {
+            let draw: Vec<f64> = (0..logs.len())
+                .map(|_| logs[(rng.next_u64() % logs.len().max(1) as u64) as usize])
+                .collect();
+            gm(&draw)
+        })
+        .collect();
+    boots.sort_by(f64::total_cmp);
+    (gm(logs), boots[49], boots[1949])
+}
+
 /// Per shape: the geometric mean of learned / best heuristic over the held-out workloads
 /// with a 95 % bootstrap interval (resampling workloads), the worst ratio, and the share
 /// of the best heuristic's excess over the oracle that the learned policy removes.
@@ -294,24 +441,14 @@ fn summarise(rows: &[Cell], shapes: &[(u16, u32)], seed: u64) -> Value {
         if logs.is_empty() {
             continue;
         }
-        let gm = |v: &[f64]| (v.iter().sum::<f64>() / v.len() as f64).exp();
-        let mut rng = fit::Rng(seed);
-        let mut boots: Vec<f64> = (0..2000)
-            .map(|_| {
-                let draw: Vec<f64> = (0..logs.len())
-                    .map(|_| logs[(rng.next_u64() % logs.len() as u64) as usize])
-                    .collect();
-                gm(&draw)
-            })
-            .collect();
-        boots.sort_by(f64::total_cmp);
+        let (gm, lo, hi) = geomean_ci(&logs, seed);
         let worst = here.iter().map(|c| c.ratio()).fold(f64::MIN, f64::max);
         let gap: f64 = here.iter().map(|c| c.best().1 - c.oracle_ms).sum();
         let closed: f64 = here.iter().map(|c| c.best().1 - c.learned_ms).sum();
         out.push(json!({
             "nodes": s.0, "cpus_per_node": s.1,
-            "geomean_ratio": crate::bench::round3(gm(&logs)),
-            "ci95": [crate::bench::round3(boots[49]), crate::bench::round3(boots[1949])],
+            "geomean_ratio": crate::bench::round3(gm),
+            "ci95": [crate::bench::round3(lo), crate::bench::round3(hi)],
             "worst_ratio": crate::bench::round3(worst),
             "gap_closed": (gap > 0.0).then(|| crate::bench::round3(closed / gap)),
         }));
@@ -388,7 +525,7 @@ fn card(
          replayed on shapes {shapes} (NODESxCPUS) and links of {links} µs one way; {rows} labelled faults. \
          Each example weighs the cost difference of its two choices (cost-sensitive).\n\
          - **Trained** with linfa ({kind}: {trees} trees of depth {depth} for a tree model; {draws} draws per fit), seed {seed}.\n\
-         - **Rebuild**: `{cmd}`\n\n\
+         - **Rebuild**: `{cmd}`{reuse}\n\n\
          ## Held out\n\n\
          Leave-one-workload-out: each row's model was trained without that workload. Predicted \
          run time by replay (the simulator, `docs/simulator.md`) of the workload's recording on \
@@ -413,6 +550,14 @@ fn card(
         draws = a.fit.draws,
         seed = a.fit.seed,
         cmd = command_line(command),
+        reuse = if a.reuse_data {
+            format!(
+                " (`--reuse-data` took the dataset in `{}/data` that the same command without it builds first; the build is deterministic)",
+                a.work.display()
+            )
+        } else {
+            String::new()
+        },
         eval = a.eval_link_us,
         baselines = a.baselines.join(", "),
     )

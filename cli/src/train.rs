@@ -25,11 +25,14 @@ pub enum Kind {
 pub struct FitArgs {
     #[arg(long, value_enum, default_value = "tree")]
     pub model: Kind,
-    /// Trees of a tree model.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=256))]
+    /// Trees of a tree model. tract's tree-ensemble op walks the leaves' votes from the
+    /// start at every tree, so a decision costs about the number of leaves: 4 trees of
+    /// depth 6 decide in 3.3 µs p50 (4.9 µs p99) here, 8 of depth 8 in 10 µs (14 µs), and
+    /// did as well held out.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=256))]
     pub trees: u64,
     /// Depth of each tree.
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=32))]
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u64).range(1..=32))]
     pub depth: u64,
     /// Examples drawn for each fit (each tree, or the logistic model).
     #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=10_000_000))]

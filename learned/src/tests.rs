@@ -256,3 +256,46 @@ fn training_refuses_data_without_a_choice_to_learn() {
     assert_eq!(ex.select(Some("a"), true), vec![0, 1]);
     assert!(ex.select(Some("a"), false).is_empty());
 }
+
+/// `notebooks/train-policy.ipynb` exports a LightGBM model with onnxmltools and writes a
+/// fixed feature file with onnxruntime's decisions on it: tract must decide the same.
+#[test]
+fn python_and_tract_decide_alike() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../models");
+    let model = Model::load(&dir.join("lgbm-v1.onnx")).unwrap();
+    let mut state = model.state().unwrap();
+    let read = |name: &str| std::fs::read_to_string(dir.join(name)).unwrap();
+    let features = read("parity-features.csv");
+    let decisions = read("lgbm-v1.onnxruntime.csv");
+    let mut header = features.lines().next().unwrap().split(',');
+    assert!(
+        header.by_ref().eq(FEATURE_NAMES.iter().copied()),
+        "parity-features.csv has other columns than this build's features"
+    );
+    let (mut rows, mut near) = (0, 0);
+    for (x, d) in features.lines().skip(1).zip(decisions.lines().skip(1)) {
+        let mut v = [0f32; FEATURE_COUNT];
+        for (slot, s) in v.iter_mut().zip(x.split(',')) {
+            *slot = s.parse().unwrap();
+        }
+        let (p_ort, move_ort) = d.split_once(',').unwrap();
+        let p_ort: f64 = p_ort.parse().unwrap();
+        let p = model.predict(&mut state, &v).unwrap() as f64;
+        assert!(
+            (p - p_ort).abs() < 1e-4,
+            "row {rows}: tract {p}, onnxruntime {p_ort}"
+        );
+        if (p_ort - 0.5).abs() > 1e-4 {
+            assert_eq!(
+                u8::from(p > 0.5),
+                move_ort.parse::<u8>().unwrap(),
+                "row {rows}"
+            );
+        } else {
+            near += 1;
+        }
+        rows += 1;
+    }
+    assert_eq!(rows, 500);
+    assert!(near < 5, "{near} rows at even odds");
+}

@@ -257,8 +257,8 @@ pub struct ForestOptions {
 impl Default for ForestOptions {
     fn default() -> Self {
         ForestOptions {
-            trees: 8,
-            max_depth: 8,
+            trees: 4,
+            max_depth: 6,
             min_leaf_share: 0.002,
             draws: 100_000,
             seed: 1,

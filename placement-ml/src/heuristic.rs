@@ -3,7 +3,9 @@
 //! when it is evidently working on another node's data: most of its recent faults went to
 //! one node, or the page it wants keeps bouncing between nodes (a write-shared page whose
 //! writers should meet rather than pass it around). Hysteresis keeps a vCPU that just
-//! moved from moving again at once.
+//! moved from moving again at once. Like the published policies it keeps the load rule: a
+//! node's last vCPU never goes to a node whose CPUs are all busy
+//! ([`FaultContext::would_pile_up`]), so it cannot gather every vCPU on one node.
 
 use crate::{Access, Decision, FaultContext, Policy};
 
@@ -38,6 +40,9 @@ impl Policy for Heuristic {
     fn decide(&mut self, f: &FaultContext<'_>) -> Decision {
         // Ownership of a page already here costs no data transfer; code is read-shared.
         if f.have_replica || f.access == Access::Execute || f.holder == f.node {
+            return Decision::MovePage;
+        }
+        if f.would_pile_up(f.holder) {
             return Decision::MovePage;
         }
         if f.history.faults_since_move < self.cooldown && !f.history.is_empty() {
@@ -110,6 +115,21 @@ mod tests {
             h.push(record(1, Decision::MovePage));
         }
         assert_eq!(p.decide(&context(&h)), Decision::MoveVcpu);
+    }
+
+    #[test]
+    fn the_last_vcpu_of_a_node_does_not_pile_onto_a_full_one() {
+        let mut h = History::default();
+        for _ in 0..8 {
+            h.push(record(1, Decision::MovePage));
+        }
+        let mut c = context(&h);
+        c.cpus = 1;
+        c.node_vcpus = &[1, 1];
+        assert_eq!(Heuristic::default().decide(&c), Decision::MovePage);
+        c.node_vcpus = &[2, 1];
+        c.local_vcpus = 2;
+        assert_eq!(Heuristic::default().decide(&c), Decision::MoveVcpu);
     }
 
     #[test]
