@@ -382,7 +382,7 @@ fn pinned_nodes_run_every_thread_on_their_own_cpus() {
             "--workload",
             "stream",
             "--args",
-            "n=2m reps=40",
+            "n=2m reps=120",
             "--vcpus",
             "2",
         ])
@@ -405,7 +405,7 @@ fn pinned_nodes_run_every_thread_on_their_own_cpus() {
     while Instant::now() < deadline && seen.len() < 2 {
         let nodes = children(child.id());
         if nodes.len() == 2 {
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(100));
             seen.clear();
             for n in nodes {
                 let tasks: Vec<String> = std::fs::read_dir(format!("/proc/{n}/task"))
