@@ -273,7 +273,8 @@ pub(crate) fn live(a: &LiveArm, name: &str) -> Result<Row> {
     Ok(row)
 }
 
-/// The traces of `dir` that hold a reference stream of one of `names`, sorted.
+/// The traces of `dir` that hold a reference stream of one of `names`, sorted; none is an
+/// error.
 pub(crate) fn reference_traces(
     dir: &Path,
     names: &[String],
@@ -297,18 +298,18 @@ pub(crate) fn reference_traces(
             out.push((p, t));
         }
     }
+    if out.is_empty() {
+        bail!(
+            "--traces {}: no reference-stream trace of {} (record one with --touch-epoch-ms, or re-record datasets/)",
+            dir.display(),
+            names.join(",")
+        );
+    }
     Ok(out)
 }
 
 fn replayed(a: &AbArgs, sides: &[crate::policy::Choice; 2], names: &[String]) -> Result<Vec<Row>> {
     let traces = reference_traces(&a.traces, names)?;
-    if traces.is_empty() {
-        bail!(
-            "--traces {}: no reference-stream trace of {} (record one with --touch-epoch-ms, or re-record datasets/)",
-            a.traces.display(),
-            names.join(",")
-        );
-    }
     let calibration = read_calibration(&a.traces)?;
     let shapes = a
         .shapes

@@ -78,6 +78,10 @@ struct LiveCell {
     baselines: Vec<(String, f64)>,
 }
 
+/// One held-out workload's model: its name, file, look-ahead evaluation, and the model
+/// loaded.
+type Fold = (String, PathBuf, fit::Evaluation, crate::policy::Choice);
+
 /// One held-out (workload, shape): predicted run times.
 #[derive(Debug, Clone)]
 struct Cell {
@@ -179,13 +183,21 @@ pub fn learn(a: LearnArgs) -> Result<i32> {
             .into_iter()
             .filter(|&i| groups.contains(&ex.groups[ex.group[i] as usize]))
             .collect();
-        let t = crate::train::fit(&ex, &train_idx, &a.fit, &[("flotilla.holdout", g.clone())])?;
+        let others: Vec<&str> = groups
+            .iter()
+            .filter(|o| *o != g)
+            .map(String::as_str)
+            .collect();
+        let meta = crate::train::model_meta(&a.fit, &others, Some(g), train_idx.len(), &manifest);
+        let t = crate::train::fit(&ex, &train_idx, &a.fit, &meta)?;
         std::fs::create_dir_all(&a.work)
             .with_context(|| format!("creating {}", a.work.display()))?;
         std::fs::write(&path, &t.bytes).with_context(|| format!("writing {}", path.display()))?;
         let test = ex.select(Some(g), true);
         let e = fit::evaluate(&ex, &test, |x| (t.p_vcpu)(x) > 0.5);
-        folds.push((g.clone(), path, e));
+        // Loaded and checked once, shared by the fold's replays.
+        let choice = crate::policy::Choice::new(flotilla_placement::LEARNED, 1, Some(&path))?;
+        folds.push((g.clone(), path, e, choice));
     }
     // Held-out replays: (workload, shape) jobs on every CPU.
     let jobs: Vec<(usize, (u16, u32))> = (0..groups.len())
@@ -197,13 +209,13 @@ pub fn learn(a: LearnArgs) -> Result<i32> {
         "held-out replays",
         |&(w, shape)| {
             let (name, path, trace) = &eval[w];
-            cell(&a, name, path, trace, &calibration, shape, &folds[w].1)
+            cell(&a, name, path, trace, &calibration, shape, &folds[w].3)
         },
     )?;
     let live = if a.live {
         folds
             .iter()
-            .map(|(g, model, _)| live_cell(&a, g, model))
+            .map(|(g, model, _, _)| live_cell(&a, g, model))
             .collect::<Result<Vec<_>>>()?
     } else {
         Vec::new()
@@ -216,18 +228,8 @@ pub fn learn(a: LearnArgs) -> Result<i32> {
     let all_idx: Vec<usize> = (0..ex.len())
         .filter(|&i| groups.contains(&ex.groups[ex.group[i] as usize]))
         .collect();
-    let meta = [
-        (
-            "flotilla.model",
-            format!("{:?}", a.fit.model).to_ascii_lowercase(),
-        ),
-        ("flotilla.trained_on", groups.join(",")),
-        ("flotilla.examples", all_idx.len().to_string()),
-        ("flotilla.seed", a.fit.seed.to_string()),
-        ("flotilla.command", command.join(" ")),
-        ("flotilla.dataset_shapes", manifest["shapes"].to_string()),
-        ("flotilla.dataset_link_us", manifest["link_us"].to_string()),
-    ];
+    let names: Vec<&str> = groups.iter().map(String::as_str).collect();
+    let meta = crate::train::model_meta(&a.fit, &names, None, all_idx.len(), &manifest);
     let t = crate::train::fit(&ex, &all_idx, &a.fit, &meta)?;
     flotilla_learned::Model::from_bytes(&t.bytes, &final_path.display().to_string())?;
     std::fs::write(&final_path, &t.bytes)
@@ -247,7 +249,7 @@ pub fn learn(a: LearnArgs) -> Result<i32> {
         "kind": format!("{:?}", a.fit.model).to_ascii_lowercase(),
         "feature_version": FEATURE_VERSION,
         "eval_link_us": a.eval_link_us,
-        "folds": folds.iter().map(|(g, _, e)| json!({
+        "folds": folds.iter().map(|(g, _, e, _)| json!({
             "holdout": g, "accuracy": crate::bench::round3(e.accuracy),
             "gap_closed": crate::bench::round3(e.gap_closed()),
         })).collect::<Vec<_>>(),
@@ -294,7 +296,7 @@ fn cell(
     trace: &Trace,
     calibration: &serde_json::Map<String, Value>,
     (nodes, cpus): (u16, u32),
-    model: &Path,
+    model: &crate::policy::Choice,
 ) -> Result<Cell> {
     let file = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
     let shape = lab_shape(trace, nodes, cpus);
@@ -316,7 +318,7 @@ fn cell(
         false,
     )
     .map_err(|e| anyhow!("{}: {e}", at("oracle")))?;
-    let c = crate::policy::Choice::new(flotilla_placement::LEARNED, trace.meta.seed, Some(model))?;
+    let c = model.with_seed(trace.meta.seed);
     let learned = flotilla_sim::replay(trace, &shape, &costs, |n| c.make(n))
         .map_err(|e| anyhow!("{}: {e}", at("learned")))?;
     Ok(Cell {
@@ -497,7 +499,7 @@ fn card(
     a: &LearnArgs,
     command: &[String],
     manifest: &Value,
-    folds: &[(String, PathBuf, fit::Evaluation)],
+    folds: &[Fold],
     table: &str,
     bytes: usize,
 ) -> String {
@@ -510,7 +512,7 @@ fn card(
     let mut folds_md = String::from(
         "| held out | look-ahead accuracy | always-page-to-oracle gap closed (look-ahead cost) |\n|---|---|---|\n",
     );
-    for (g, _, e) in folds {
+    for (g, _, e, _) in folds {
         folds_md += &format!(
             "| {g} | {:.1} % | {:.0} % |\n",
             100.0 * e.accuracy,

@@ -100,14 +100,10 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         spread: a.spread,
         ..Shape::new(
             a.nodes.unwrap_or(meta.nodes),
-            a.cpus_per_node.unwrap_or_else(|| {
-                run.and_then(|r| r.cpu_sets.first().map(|s| s.len() as u32))
-                    .filter(|&c| c > 0)
-                    .unwrap_or(1)
-            }),
+            a.cpus_per_node
+                .unwrap_or_else(|| crate::dataset::recorded_shape(&trace).1),
         )
     };
-    let recorded_delay_ns = run.map_or(0, |r| r.link_delay_ns) as i64;
     let mut costs = match &a.calibration {
         None => Costs::from_trace(&trace),
         Some(file) => {
@@ -124,7 +120,7 @@ pub fn replay(a: ReplayArgs) -> Result<i32> {
         }
     };
     if let Some(us) = a.link_us {
-        costs = costs.with_link_delta(us as i64 * 1000 - recorded_delay_ns);
+        costs = crate::dataset::over_link(&trace, costs, us);
     }
     if let Some(ms) = a.one_node_ms {
         if !(ms > 0.0 && ms.is_finite()) {

@@ -150,6 +150,37 @@ fn append(ex: &mut Examples, t: &Table, workload: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// What a model file's metadata says of its training, besides the feature definition:
+/// the kind, the workloads, the held-out one, the examples, the seed, the command and the
+/// dataset's shapes and links.
+pub fn model_meta(
+    fit: &FitArgs,
+    trained_on: &[&str],
+    holdout: Option<&str>,
+    examples: usize,
+    manifest: &Value,
+) -> Vec<(&'static str, String)> {
+    let command: Vec<String> = std::env::args().collect();
+    let mut meta = vec![
+        (
+            "flotilla.model",
+            format!("{:?}", fit.model).to_ascii_lowercase(),
+        ),
+        ("flotilla.trained_on", trained_on.join(",")),
+    ];
+    if let Some(w) = holdout {
+        meta.push(("flotilla.holdout", w.to_string()));
+    }
+    meta.extend([
+        ("flotilla.examples", examples.to_string()),
+        ("flotilla.seed", fit.seed.to_string()),
+        ("flotilla.command", command.join(" ")),
+        ("flotilla.dataset_shapes", manifest["shapes"].to_string()),
+        ("flotilla.dataset_link_us", manifest["link_us"].to_string()),
+    ]);
+    meta
+}
+
 /// A model's probability of moving the vCPU, as the trainer computes it.
 pub type Predict = Box<dyn Fn(&[f32; FEATURE_COUNT]) -> f64>;
 
@@ -289,20 +320,13 @@ pub fn train(a: TrainArgs) -> Result<i32> {
         .filter(|g| Some(g.as_str()) != a.holdout.as_deref())
         .map(String::as_str)
         .collect();
-    let command: Vec<String> = std::env::args().collect();
-    let meta = [
-        (
-            "flotilla.fit.model",
-            format!("{:?}", a.fit.model).to_ascii_lowercase(),
-        ),
-        ("flotilla.trained_on", trained_on.join(",")),
-        ("flotilla.holdout", a.holdout.clone().unwrap_or_default()),
-        ("flotilla.examples", train_idx.len().to_string()),
-        ("flotilla.fit.seed", a.fit.seed.to_string()),
-        ("flotilla.command", command.join(" ")),
-        ("flotilla.dataset_shapes", manifest["shapes"].to_string()),
-        ("flotilla.dataset_link_us", manifest["link_us"].to_string()),
-    ];
+    let meta = model_meta(
+        &a.fit,
+        &trained_on,
+        a.holdout.as_deref(),
+        train_idx.len(),
+        &manifest,
+    );
     let t = fit(&ex, &train_idx, &a.fit, &meta)?;
     let name = a.out.display().to_string();
     let checked = check_in_tract(&t.bytes, &name, &ex, &train_idx, &*t.p_vcpu)?;

@@ -914,6 +914,16 @@ impl Sim {
             && self.pages.homes.stack_of(s.touch.page) != Some(s.v as u32)
     }
 
+    /// `policies[node]`'s decision on `f` where a policy decides it; the page comes
+    /// otherwise.
+    pub(crate) fn decide(&self, s: &Step, f: &Fault, policies: &mut [Box<dyn Policy>]) -> Decision {
+        if !self.decided(s, f) {
+            return Decision::MovePage;
+        }
+        let fc = self.context(s, f);
+        policies[fc.node as usize].decide(&fc)
+    }
+
     /// What the engine would tell the policy about `f`.
     pub(crate) fn context(&self, s: &Step, f: &Fault) -> FaultContext<'_> {
         let node = self.st.vcpus[s.v].node;
@@ -1103,11 +1113,8 @@ impl Sim {
                 }
                 let fault = self.fault(&next).map(|f| {
                     let d = match continuation.as_deref_mut() {
-                        Some(p) if self.decided(&next, &f) => {
-                            let fc = self.context(&next, &f);
-                            p[fc.node as usize].decide(&fc)
-                        }
-                        _ => Decision::MovePage,
+                        Some(p) => self.decide(&next, &f, p),
+                        None => Decision::MovePage,
                     };
                     (f, d)
                 });
@@ -1166,12 +1173,7 @@ pub fn replay_with(
     let mut done = 0u64;
     while let Some(s) = sim.take() {
         let decided = sim.fault(&s).map(|f| {
-            let d = if sim.decided(&s, &f) {
-                let fc = sim.context(&s, &f);
-                policies[fc.node as usize].decide(&fc)
-            } else {
-                Decision::MovePage
-            };
+            let d = sim.decide(&s, &f, &mut policies);
             (f, d)
         });
         sim.serve(s, decided)?;
